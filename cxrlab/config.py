@@ -1,0 +1,137 @@
+"""Training configuration: one typed dataclass, written into every run folder as config.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrlab.errors import CxrlabError
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. Defaults follow reference design 1.
+
+    Attributes are documented in `cxrlab train --help`; the notable groups are data (`data`,
+    `manifest`, `val_fraction`, `group_regex`), model (`model`, `pretrained`, `weights`), optimisation
+    (`lr`, `weight_decay`, `epochs`, `batch_size`, `monitor`, `patience`, `early_stop`), imbalance
+    (`class_weights`, `loss`, `sampler`), regularisation (`mixup`, `cutmix`, `label_smoothing`,
+    augmentation strengths), speed (`amp`, `channels_last`, `compile`, `workers`, `cache`) and
+    explanations during training (`cam_every`, `cam_images`).
+    """
+
+    data: str = ""
+    out: str = "runs/run"
+    manifest: str | None = None
+    model: str = "resnet18"
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False
+    weights: str | None = None
+    in_chans: int | None = None
+    img_size: int | None = None
+    equalize: bool = False
+    crop_border: float = 0.0
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adam"
+    scheduler: str = "plateau"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5
+    warmup_epochs: int = 0
+    freeze_epochs: int = 0
+    backbone_lr_mult: float = 1.0
+    early_stop: int = 10
+    monitor: str = "val_loss"
+    seed: int = 42
+    workers: int | None = None
+    val_fraction: float = 0.15
+    group_regex: str | None = None
+    class_weights: bool = False
+    loss: str = "ce"
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    sampler: str = "shuffle"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    aug_flip: float = 0.5
+    aug_rotation: float = 15.0
+    aug_translate: float = 0.1
+    aug_crop_scale_min: float = 0.8
+    aug_brightness: float = 0.2
+    aug_contrast: float = 0.2
+    aug_gamma: float = 0.0
+    aug_noise: float = 0.0
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"
+    cache: bool = True
+    cache_dir: str | None = None
+    time_budget_min: float | None = None
+    grad_accum: int = 1
+    sync_bn: bool = False
+    cam_every: int = 0
+    cam_images: int = 8
+    cam_method: str = "gradcam"
+    allow_leakage: bool = False
+    calibrate: bool = True
+    target_recall: dict = field(default_factory=dict)
+    report: bool = True
+
+    def validate(self) -> "TrainConfig":
+        """Check values a user can get wrong; returns self."""
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.monitor in ("val_loss", "val_acc", "val_auc"), f"--monitor must be val_loss, val_acc or val_auc, got {self.monitor}"),
+            (self.loss in ("ce", "focal"), f"--loss must be ce or focal, got {self.loss}"),
+            (self.sampler in ("shuffle", "balanced"), f"--sampler must be shuffle or balanced, got {self.sampler}"),
+            (self.optimizer in ("adam", "adamw", "sgd"), f"--optimizer must be adam, adamw or sgd, got {self.optimizer}"),
+            (self.scheduler in ("plateau", "cosine", "none"), f"--scheduler must be plateau, cosine or none, got {self.scheduler}"),
+            (self.amp in ("auto", "off", "fp16", "bf16"), f"--amp must be auto, off, fp16 or bf16, got {self.amp}"),
+            (self.img_size is None or 16 <= self.img_size <= 2048, f"--img-size must be 16..2048, got {self.img_size}"),
+            (0 <= self.crop_border < 0.45, f"--crop-border must be in [0, 0.45), got {self.crop_border}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise CxrlabError(msg)
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON/YAML/checkpoint safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from a dict; unknown keys are an error that lists them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CxrlabError(f"unknown config keys: {', '.join(unknown)}. Valid keys: {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+def save_yaml(cfg: TrainConfig, path: Path) -> None:
+    """Write the resolved config."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a config file into a dict (validated by `TrainConfig.from_dict`)."""
+    import yaml
+
+    try:
+        d = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CxrlabError(f"cannot read config '{path}': {exc}") from exc
+    if not isinstance(d, dict):
+        raise CxrlabError(f"config '{path}' must be a mapping of keys to values")
+    TrainConfig.from_dict(d)
+    return d
