@@ -79,9 +79,10 @@ def setup_logging(quiet: bool = False, debug: bool = False) -> None:
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(level)
     root = logging.getLogger("cxrlab")
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(min(level, logging.INFO))  # run-folder log files still get INFO under --quiet
 
 
 def main(argv: list[str] | None = None) -> int:

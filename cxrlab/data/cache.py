@@ -106,7 +106,7 @@ def load_arrays(paths: list, pre: Preprocess, *, cache_dir: Path | None | bool =
 def _run_jobs(jobs: list, workers: int, progress: bool, desc: str) -> list:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress or len(jobs) < 200, leave=False, unit="img")
+    bar = tqdm(total=len(jobs), desc=desc, disable=None if (progress and len(jobs) >= 200) else True, leave=False, unit="img")
     try:
         if workers <= 1 or len(jobs) < 64:
             results = []

@@ -1,0 +1,141 @@
+"""`cxrlab train`: options are generated from `TrainConfig`, so the CLI and the config never drift."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+HELP = {
+    "data": "data folder (ROOT/{train,val,test}/<CLASS>/* or ROOT/<CLASS>/*) or a CSV manifest",
+    "out": "run folder to write (config.yaml, history.csv, best.pt, last.pt, metrics, plots)",
+    "manifest": "CSV manifest path,label[,split][,group][,source]",
+    "model": "architecture (see `cxrlab train --list-models`)",
+    "pretrained": "start from ImageNet weights (hub; needs internet or a warm cache)",
+    "weights": "start from a local weights file (offline machines)",
+    "img_size": "square input size in pixels (default: the model's own)",
+    "equalize": "histogram-equalise every radiograph (evens out exposure between sites)",
+    "crop_border": "fraction trimmed from each side before resizing (borders, text markers)",
+    "monitor": "metric that picks best.pt and drives the scheduler and early stopping: val_loss, val_acc, val_auc",
+    "early_stop": "stop after this many epochs without improvement (0: never)",
+    "class_weights": "weight the loss by inverse class frequency (reference design 2)",
+    "loss": "ce or focal",
+    "sampler": "shuffle, or balanced (class-balanced sampling with replacement)",
+    "mixup": "mixup alpha (0: off)",
+    "cutmix": "cutmix alpha (0: off)",
+    "amp": "mixed precision: auto (fp16 on CUDA), off, fp16, bf16",
+    "workers": "decoding processes (default: CPU count, at most 8)",
+    "cache": "persistent cache of decoded, resized images (default on)",
+    "cam_every": "save Grad-CAM overlays every N epochs (0: off)",
+    "cam_images": "how many fixed validation images get overlays",
+    "cam_method": "gradcam, gradcam++, xgradcam, eigencam, ...",
+    "allow_leakage": "train even when val/test images are copies of training images",
+    "time_budget_min": "stop before this many minutes of training have passed",
+    "group_regex": "regex whose first group on the file name is the patient id (grouped validation split)",
+    "val_fraction": "share of train carved out as validation when there is no val/ split",
+    "freeze_epochs": "train only the head for this many epochs first",
+    "backbone_lr_mult": "learning-rate multiplier of the backbone (discriminative learning rates)",
+    "warmup_epochs": "linear learning-rate warm-up epochs",
+    "grad_accum": "gradient accumulation steps (keeps the global batch when processes change)",
+    "sync_bn": "SyncBatchNorm in distributed runs",
+    "report": "draw plots and report.html at the end",
+}
+SKIP = {"model_kwargs", "target_recall"}
+
+
+def _type_of(field: dataclasses.Field):
+    t = str(field.type)
+    return int if "int" in t else float if "float" in t else str
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cxrlab.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP.get(f.name, '')} (default {default})")
+        else:
+            p.add_argument(flag, type=_type_of(f), default=None, help=f"{HELP.get(f.name, '')} (default {default})")
+    p.add_argument("--target-recall", action="append", default=[], metavar="CLASS=RECALL",
+                   help="choose the decision threshold of CLASS on validation to reach RECALL (repeatable)")
+    p.add_argument("--config", help="YAML file of TrainConfig keys (command-line options override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun (DistributedDataParallel)")
+    p.add_argument("--list-models", action="store_true", help="list the registered models and exit")
+
+
+def config_from_args(args) -> "TrainConfig":
+    """Merge: defaults < --config file < command-line options."""
+    from cxrlab.config import TrainConfig, load_yaml
+    from cxrlab.errors import CxrlabError
+
+    d = load_yaml(args.config) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if f.name not in SKIP and v is not None:
+            d[f.name] = v
+    recall = dict(d.get("target_recall") or {})
+    for item in args.target_recall:
+        cls, sep, val = item.partition("=")
+        try:
+            recall[cls] = float(val)
+        except ValueError:
+            raise CxrlabError(f"--target-recall wants CLASS=RECALL (e.g. TUBERCULOSIS=0.95), got '{item}'") from None
+        if not sep or not 0 < recall[cls] <= 1:
+            raise CxrlabError(f"--target-recall wants CLASS=RECALL with 0 < RECALL <= 1, got '{item}'")
+    d["target_recall"] = recall
+    if not d.get("data"):
+        raise CxrlabError("--data is required (a folder or a manifest CSV)")
+    return TrainConfig.from_dict(d).validate()
+
+
+def _launch_torchrun(args) -> int:
+    import subprocess
+
+    argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[2:]]
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "cxrlab", *rest]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    log.info("launching: %s", " ".join(cmd))
+    return subprocess.call(cmd, env=env)
+
+
+def run(args) -> int:
+    if args.list_models:
+        from cxrlab.models import list_models, model_spec
+
+        for name in list_models():
+            print(f"{name:22s} {model_spec(name).description}")
+        return 0
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        config_from_args(args)  # fail fast on bad options before starting processes
+        return _launch_torchrun(args)
+    from cxrlab.train import fit
+
+    cfg = config_from_args(args)
+    result = fit(cfg, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {result['run_dir']}")
+        if "test" in result:
+            t = result["test"]
+            print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  AUC {t['auc_macro']}  (n={t['n']})")
+    return 0

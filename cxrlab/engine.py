@@ -1,0 +1,339 @@
+"""The training and evaluation steps: `train_one_epoch` and `predict_logits` over in-memory uint8 data.
+
+Images are decoded once (see `cxrlab.data.cache`) into a uint8 tensor; each epoch draws its batch
+order and augmentation from generators seeded by (seed, epoch), so epoch k gives the same result
+whether the run was resumed or not. In a distributed run every rank draws the same order and takes
+its own shard; evaluation gathers all shards so metrics cover every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cxrlab.data.augment import AugmentConfig, augment_batch
+from cxrlab.data.preprocess import to_model_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ArrayData:
+    """Decoded images of one split: uint8 (N, S, S) with integer labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class DistInfo:
+    """Rank and world size (1 process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class InputSpec:
+    """How uint8 images become model input."""
+
+    mean: list
+    std: list
+    in_chans: int
+    channels_last: bool = False
+
+
+def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch, salt)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + salt) % (2**63 - 1))
+
+
+def epoch_order(labels: torch.Tensor, seed: int, epoch: int, sampler: str = "shuffle") -> torch.Tensor:
+    """The epoch's sample order: a permutation, or a class-balanced draw with replacement."""
+    g = epoch_generator(seed, epoch, salt=1)
+    n = len(labels)
+    if sampler == "balanced":
+        counts = torch.bincount(labels).float()
+        w = (1.0 / counts.clamp(min=1))[labels]
+        return torch.multinomial(w, n, replacement=True, generator=g)
+    return torch.randperm(n, generator=g)
+
+
+def shard(indices: torch.Tensor, dist: DistInfo, pad: bool = True) -> torch.Tensor:
+    """This rank's share of `indices` (padded by wrapping so all ranks get equal lengths when `pad`)."""
+    if dist.world == 1:
+        return indices
+    if pad:
+        total = math.ceil(len(indices) / dist.world) * dist.world
+        indices = torch.cat([indices, indices[: total - len(indices)]])
+    return indices[dist.rank :: dist.world]
+
+
+def autocast_context(device: torch.device, amp: str):
+    """Mixed precision: fp16 on CUDA (with GradScaler), bf16 on CPU when asked, else nothing."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" or device.type != "cuda" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class FocalLoss(nn.Module):
+    """Multi-class focal loss (Lin et al. 2017) with optional class weights."""
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.gamma, self.label_smoothing = gamma, label_smoothing
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=1)
+        if target.ndim == 1:
+            target = F.one_hot(target, logits.shape[1]).float()
+        if self.label_smoothing:
+            target = target * (1 - self.label_smoothing) + self.label_smoothing / logits.shape[1]
+        focal = (1 - logp.exp()).pow(self.gamma)
+        w = self.weight if self.weight is not None else torch.ones(logits.shape[1], device=logits.device)
+        return -(w * target * focal * logp).sum(1).mean()
+
+
+def soft_cross_entropy(logits, target, weight=None, label_smoothing: float = 0.0):
+    """Cross-entropy that accepts integer or (mixed) probability targets."""
+    return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=label_smoothing)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, cutmix: float,
+              g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix (one chosen per batch at random when both are on) with soft targets."""
+    y1 = F.one_hot(y, num_classes).float()
+    if mixup <= 0 and cutmix <= 0:
+        return x, y1
+    perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+    use_cut = cutmix > 0 and (mixup <= 0 or torch.rand(1, generator=g).item() < 0.5)
+    alpha = cutmix if use_cut else mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample().item()) if alpha > 0 else 1.0
+    if use_cut:
+        h, w = x.shape[-2:]
+        ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = int(torch.randint(h, (1,), generator=g)), int(torch.randint(w, (1,), generator=g))
+        y0, y1_, x0, x1_ = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x = x.clone()
+        x[..., y0:y1_, x0:x1_] = x[perm][..., y0:y1_, x0:x1_]
+        lam = 1 - (y1_ - y0) * (x1_ - x0) / (h * w)
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    return x, lam * y1 + (1 - lam) * y1[perm]
+
+
+@dataclass
+class StepConfig:
+    """What `train_one_epoch` needs beyond model, data and optimiser."""
+
+    batch_size: int
+    seed: int
+    epoch: int
+    num_classes: int
+    augment: AugmentConfig
+    sampler: str = "shuffle"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    amp: str = "auto"
+    grad_accum: int = 1
+    progress: bool = True
+
+
+def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                    spec: InputSpec, step: StepConfig, device: torch.device, dist: DistInfo = DistInfo(),
+                    scaler: torch.amp.GradScaler | None = None, on_batch=None) -> dict:
+    """One pass over the (sharded) training data.
+
+    Args:
+        model: the model (DDP-wrapped in a distributed run).
+        data: training images and labels (CPU).
+        optimizer, criterion: as usual; `criterion(logits, soft_targets)`.
+        spec: normalisation and channel layout.
+        step: batch size (global), seeds, augmentation, mixing, precision.
+        device: where to compute.
+        dist: rank and world size.
+        scaler: GradScaler for fp16 on CUDA.
+        on_batch: optional callback(batch_index) (e.g. a warm-up LR schedule).
+
+    Returns:
+        {"loss": mean training loss, "acc": accuracy against the hard labels} over all ranks.
+    """
+    from tqdm.auto import tqdm
+
+    model.train()
+    order = shard(epoch_order(data.labels, step.seed, step.epoch, step.sampler), dist)
+    micro = max(1, step.batch_size // (dist.world * step.grad_accum))
+    batches = [order[i : i + micro] for i in range(0, len(order), micro)]
+    g = epoch_generator(step.seed, step.epoch, salt=100 + dist.rank)
+    totals = torch.zeros(3, dtype=torch.float64)
+    bar = tqdm(batches, desc=f"epoch {step.epoch}", disable=None if (step.progress and dist.main) else True, leave=False, unit="batch")
+    optimizer.zero_grad(set_to_none=True)
+    for i, idx in enumerate(bar):
+        if on_batch:
+            on_batch(i)
+        x = augment_batch(data.images[idx].to(device, non_blocking=True), step.augment, g)
+        x = to_model_input(x, spec.mean, spec.std, spec.in_chans)
+        if spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = data.labels[idx].to(device)
+        xm, ym = mix_batch(x, y, step.num_classes, step.mixup, step.cutmix, g)
+        with autocast_context(device, step.amp):
+            logits = model(xm)
+        loss = criterion(logits.float(), ym)
+        _backward_step(loss / step.grad_accum, optimizer, scaler, model, sync=(i + 1) % step.grad_accum == 0 or i + 1 == len(batches))
+        totals += torch.tensor([loss.item() * len(idx), (logits.argmax(1) == y).sum().item(), len(idx)], dtype=torch.float64)
+        bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}")
+    totals = _all_reduce(totals, dist)
+    return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2])}
+
+
+def _backward_step(loss, optimizer, scaler, model, sync: bool) -> None:
+    no_sync = getattr(model, "no_sync", None)
+    ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+    with ctx:
+        (scaler.scale(loss) if scaler else loss).backward()
+    if sync:
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _all_reduce(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    if dist.world == 1:
+        return t
+    import torch.distributed as tdist
+
+    t = t.clone()
+    tdist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device,
+                   batch_size: int = 128, amp: str = "off", dist: DistInfo = DistInfo(), tta: bool = False) -> np.ndarray:
+    """Logits for uint8 images (N, S, S); in a distributed run each rank does a shard and all get all.
+
+    Args:
+        model: the model (unwrapped or DDP).
+        images: uint8 tensor.
+        spec: normalisation.
+        device: where to compute.
+        batch_size: inference batch.
+        amp: precision (see `autocast_context`).
+        dist: rank/world; results are gathered so every sample is counted exactly once.
+        tta: average the logits of the image and its horizontal flip.
+
+    Returns:
+        float32 array (N, C) in the order of `images`.
+    """
+    model.eval()
+    idx = shard(torch.arange(len(images)), dist, pad=False)
+    outs = []
+    for i in range(0, len(idx), batch_size):
+        x = to_model_input(images[idx[i : i + batch_size]].to(device), spec.mean, spec.std, spec.in_chans)
+        if spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            out = model(x).float()
+            if tta:
+                out = (out + model(torch.flip(x, dims=[3])).float()) / 2
+        outs.append(out.cpu())
+    logits = torch.cat(outs) if outs else torch.zeros(0, 0)
+    if dist.world == 1:
+        return logits.numpy()
+    return _gather_ordered(idx, logits, len(images))
+
+
+def _gather_ordered(idx: torch.Tensor, logits: torch.Tensor, n: int) -> np.ndarray:
+    import torch.distributed as tdist
+
+    parts = [None] * tdist.get_world_size()
+    tdist.all_gather_object(parts, (idx.numpy(), logits.numpy()))
+    c = max(p[1].shape[1] for p in parts if len(p[0]))
+    out = np.full((n, c), np.nan, dtype=np.float32)
+    seen = np.zeros(n, dtype=np.int64)
+    for pidx, plog in parts:
+        if len(pidx):
+            out[pidx] = plog
+            seen[pidx] += 1
+    assert (seen == 1).all(), "distributed evaluation must see every sample exactly once"
+    return out
+
+
+def epoch_metrics(logits: np.ndarray, labels: np.ndarray, weight: torch.Tensor | None = None) -> dict:
+    """Validation loss (unweighted CE), accuracy and macro one-vs-rest AUC from logits."""
+    from sklearn.metrics import roc_auc_score
+
+    t = torch.from_numpy(logits)
+    y = torch.from_numpy(labels)
+    loss = float(F.cross_entropy(t, y).item())
+    acc = float((t.argmax(1) == y).float().mean().item())
+    probs = torch.softmax(t, 1).numpy()
+    try:
+        if probs.shape[1] == 2:
+            auc = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            auc = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
+    except ValueError:
+        auc = float("nan")
+    return {"loss": loss, "acc": acc, "auc": auc}
+
+
+class EarlyStopping:
+    """Tracks the monitored metric: best value, epochs without improvement, whether to stop."""
+
+    def __init__(self, monitor: str, patience: int):
+        self.mode = "min" if monitor.endswith("loss") else "max"
+        self.patience = patience
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; returns True when it is a new best."""
+        better = value < self.best if self.mode == "min" else value > self.best
+        if not math.isnan(value) and better:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = d["best"], d["best_epoch"], d["bad_epochs"]
+
+
+class Timer:
+    """Wall-clock seconds since creation."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0

@@ -1,0 +1,84 @@
+"""After the last epoch: calibrate `best.pt` on validation, choose operating points, evaluate it on
+the test split and draw the report (all from `best.pt`, so the run folder is self-consistent)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from cxrlab.errors import CxrlabError
+
+log = logging.getLogger(__name__)
+
+
+def calibrate_checkpoint(ckpt: dict, val_logits: np.ndarray, val_y: np.ndarray, target_recall: dict[str, float],
+                         calibrate: bool = True) -> dict:
+    """Fit the temperature and the operating-point thresholds on validation, into the checkpoint.
+
+    Args:
+        ckpt: checkpoint dict (changed in place and returned).
+        val_logits, val_y: validation logits and labels.
+        target_recall: {CLASS: recall} to reach on validation, e.g. {"TUBERCULOSIS": 0.95}.
+        calibrate: fit temperature scaling (else T stays 1).
+
+    Returns:
+        The checkpoint.
+    """
+    from cxrlab.metrics import apply_temperature, choose_threshold, fit_temperature
+
+    names = list(ckpt["class_names"])
+    if calibrate:
+        ckpt["temperature"] = float(fit_temperature(val_logits, val_y))
+        ckpt["calibration_fitted_on"] = f"validation ({len(val_y)} images)"
+    probs = apply_temperature(val_logits, float(ckpt.get("temperature", 1.0)))
+    thresholds, ops = {}, {}
+    for cls, recall in (target_recall or {}).items():
+        match = [n for n in names if n.lower() == str(cls).lower()]
+        if not match:
+            raise CxrlabError(f"--target-recall: unknown class '{cls}'; classes are {', '.join(names)}")
+        res = choose_threshold(val_y, probs, names.index(match[0]), float(recall))
+        thresholds[match[0]] = float(res["threshold"])
+        ops[match[0]] = res
+    if thresholds:
+        ckpt["thresholds"] = thresholds
+        ckpt["operating_points_val"] = ops
+    return ckpt
+
+
+def finalize_run(run) -> dict:
+    """Calibrate, evaluate on test and report for a finished `cxrlab.train.Run`; returns test metrics."""
+    from cxrlab.checkpoint import load_checkpoint, save_checkpoint
+    from cxrlab.evaluate import evaluation_metrics, write_evaluation
+    from cxrlab.inference import bundle_from_checkpoint
+
+    best = run.out / "best.pt"
+    if not best.is_file():
+        log.warning("no best.pt was written (the monitored metric was never finite); skipping the test evaluation")
+        return {}
+    ckpt = load_checkpoint(best)
+    bundle = bundle_from_checkpoint(ckpt, run.device)
+    val = run.splits["val"].arrays
+    ckpt = calibrate_checkpoint(ckpt, bundle.logits_for_arrays(val.images), val.labels.numpy(),
+                                run.cfg.target_recall, run.cfg.calibrate)
+    save_checkpoint(ckpt, best)
+    log.info("best epoch %d (%s %.4f); temperature %.3f fitted on validation", ckpt["epoch"], ckpt["metric"]["name"],
+             ckpt["metric"]["value"], ckpt.get("temperature", 1.0))
+    result = {}
+    if "test" in run.splits:
+        test = run.splits["test"]
+        sources = [s.source for s in test.samples]
+        groups = [s or "unknown" for s in sources] if any(sources) else None
+        metrics, probs, y_pred = evaluation_metrics(ckpt, bundle.logits_for_arrays(test.arrays.images),
+                                                    test.arrays.labels.numpy(), groups)
+        metrics.update({"split": "test", "checkpoint": str(best)})
+        write_evaluation(run.out, metrics, test.arrays.labels.numpy(), probs, y_pred, [s.path for s in test.samples],
+                         list(ckpt["class_names"]))
+        log.info("test: accuracy %.4f, macro-F1 %.4f, AUC %s (n=%d) -> %s", metrics["accuracy"], metrics["macro_f1"],
+                 metrics["auc_macro"], metrics["n"], run.out / "metrics.json")
+        result["test"] = {k: metrics[k] for k in ("accuracy", "macro_f1", "auc_macro", "n")}
+    if run.cfg.report:
+        from cxrlab.evaluate import draw_report
+
+        draw_report(run.out)
+    return result

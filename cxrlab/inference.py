@@ -1,0 +1,114 @@
+"""Run a trained model on files: the checkpoint alone defines preprocessing, model and classes.
+
+`load_model_bundle(path)` accepts a cxrlab checkpoint (`.pt`) and returns a `ModelBundle` whose
+`logits_for_files` decodes with the exact preset the model was trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrlab.data.preprocess import Preprocess
+from cxrlab.engine import InputSpec, predict_logits
+from cxrlab.errors import CxrlabError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelBundle:
+    """A model ready for inference, with everything needed to preprocess its input."""
+
+    ckpt: dict
+    model: torch.nn.Module
+    pre: Preprocess
+    spec: InputSpec
+    device: torch.device
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.ckpt["class_names"])
+
+    def logits_for_arrays(self, images: np.ndarray | torch.Tensor, tta: bool = False, batch_size: int = 64) -> np.ndarray:
+        """Logits for preprocessed uint8 images (N, S, S)."""
+        t = torch.as_tensor(images)
+        return predict_logits(self.model, t, self.spec, self.device, batch_size=batch_size, tta=tta)
+
+    def logits_for_files(self, paths: list, tta: bool = False, batch_size: int = 64, cache: bool | None = None,
+                         progress: bool = False) -> tuple[np.ndarray, list[int], dict[str, str]]:
+        """Decode files (bad ones reported, not raised) and compute logits.
+
+        Returns:
+            (logits of the readable files, their indices into `paths`, {path: reason} for the others).
+        """
+        from cxrlab.data.cache import load_arrays
+
+        arrays, ok, errors = load_arrays(paths, self.pre, cache_dir=None if cache else False,
+                                         workers=min(os.cpu_count() or 1, 4), progress=progress)
+        if not ok:
+            return np.zeros((0, len(self.class_names)), np.float32), ok, errors
+        return self.logits_for_arrays(arrays, tta=tta, batch_size=batch_size), ok, errors
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (the checkpoint's temperature)."""
+        from cxrlab.metrics import apply_temperature
+
+        return apply_temperature(logits, float(self.ckpt.get("temperature", 1.0)))
+
+
+def bundle_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> ModelBundle:
+    """Build a `ModelBundle` from a loaded checkpoint dict."""
+    from cxrlab.checkpoint import build_model
+
+    dev = torch.device(device)
+    model = build_model(ckpt, dev)
+    in_chans = ckpt["model"]["in_chans"]
+    spec = InputSpec(list(ckpt["mean"]), list(ckpt["std"]), in_chans)
+    return ModelBundle(ckpt, model, Preprocess.from_dict(ckpt.get("preprocess", {"img_size": ckpt["img_size"]})), spec, dev)
+
+
+def load_model_bundle(path: str | Path, device: str = "auto") -> ModelBundle:
+    """Load a checkpoint for inference (device `auto`: CUDA when available, else CPU)."""
+    from cxrlab.checkpoint import load_checkpoint
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from cxrlab.export import load_onnx_bundle
+
+        return load_onnx_bundle(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.get("ensemble"):
+        from cxrlab.ensemble import bundle_from_ensemble
+
+        return bundle_from_ensemble(ckpt, dev)
+    return bundle_from_checkpoint(ckpt, dev)
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files and folders (searched recursively for image files) -> sorted unique file list."""
+    from cxrlab.data.io import is_image_file
+
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q))
+        elif p.exists():
+            files.append(p)
+        else:
+            files.append(p)  # reported per file as missing, the others still run
+    seen, out = set(), []
+    for f in files:
+        if f not in seen:
+            seen.add(f)
+            out.append(f)
+    if not out:
+        raise CxrlabError(f"no image files found in {', '.join(inputs)}")
+    return out

@@ -1,0 +1,355 @@
+"""`fit(cfg)`: a whole training run, from a data folder to a run folder.
+
+Order of work: check the output folder, index the data, refuse leakage, decode once (cache),
+build the model, then per epoch: train, validate, schedule, checkpoint (best by the monitored
+metric, last every epoch, both atomic), append history; finally calibrate on validation, pick
+operating points, evaluate `best.pt` on the test split and draw the report from the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrlab.config import TrainConfig, save_yaml
+from cxrlab.data.augment import AugmentConfig
+from cxrlab.data.dataset import DataIndex, build_index
+from cxrlab.data.preprocess import Preprocess
+from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepConfig, Timer, epoch_metrics,
+                           predict_logits, train_one_epoch)
+from cxrlab.errors import CxrlabError
+from cxrlab.training_setup import (build_criterion, build_optimizer, build_scheduler, init_distributed,
+                                   resolve_device, set_backbone_frozen, setup_model)
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds"]
+
+
+@dataclass
+class SplitData:
+    """Decoded images of a split plus the samples they came from."""
+
+    arrays: ArrayData
+    samples: list
+
+
+def check_output_dir(out: Path, need_bytes: int) -> None:
+    """Fail up front when the run folder is not writable or the disk is too full."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise CxrlabError(f"cannot write to the output folder '{out}': {exc.strerror or exc}. Choose another --out") from exc
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise CxrlabError(f"only {free / 1e6:.0f} MB free in '{out}', a run needs about {need_bytes / 1e6:.0f} MB "
+                          "(checkpoints); free space or choose another --out")
+
+
+def load_split(index: DataIndex, split: str, pre: Preprocess, cfg: TrainConfig, progress: bool) -> SplitData:
+    """Decode one split through the cache; unreadable files are skipped with one warning."""
+    from cxrlab.data.cache import load_arrays
+
+    samples = index.splits[split]
+    workers = cfg.workers if cfg.workers is not None else min(os.cpu_count() or 1, 8)
+    cache = False if not cfg.cache else (Path(cfg.cache_dir) if cfg.cache_dir else None)
+    arrays, ok, errors = load_arrays([s.path for s in samples], pre, cache_dir=cache, workers=workers,
+                                     progress=progress, desc=f"decode {split}")
+    if errors:
+        listing = "; ".join(f"{p}: {r}" for p, r in list(errors.items())[:20])
+        log.warning("skipped %d unreadable file(s) in %s: %s%s", len(errors), split, listing, " ..." if len(errors) > 20 else "")
+    kept = [samples[i] for i in ok]
+    if not kept:
+        raise CxrlabError(f"no readable images in the {split} split of '{index.root}'")
+    lookup = {c: i for i, c in enumerate(index.class_names)}
+    labels = torch.tensor([lookup[s.label] for s in kept], dtype=torch.long)
+    return SplitData(ArrayData(torch.from_numpy(arrays), labels), kept)
+
+
+def _leak_check(index: DataIndex, cfg: TrainConfig) -> None:
+    try:
+        from cxrlab.audit import fast_leak_check
+    except ImportError:
+        return
+    samples = [s for ss in index.splits.values() for s in ss]
+    leaks = fast_leak_check(samples)
+    if not leaks:
+        return
+    lines = "\n".join(f"  {d['b']} ({d['b_split']}) == {d['a']} ({d['a_split']})" for d in leaks[:10])
+    msg = f"{len(leaks)} validation/test image(s) are exact copies of training images:\n{lines}"
+    if not cfg.allow_leakage:
+        raise CxrlabError(msg + "\nRemove the copies (see `cxrlab audit`) or pass --allow-leakage to train anyway")
+    log.warning("%s\n(--allow-leakage given: training anyway; the evaluation will be optimistic)", msg)
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(".history.csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _fmt(v: float) -> float | str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
+
+
+def make_checkpoint(model, cfg: TrainConfig, class_names, pre: Preprocess, spec: InputSpec, epoch: int,
+                    metric: tuple[str, float], history: list[dict], model_kwargs: dict, **extra) -> dict:
+    """The checkpoint dict (see docs/ARCHITECTURE.md)."""
+    core = model.module if hasattr(model, "module") else model
+    core = getattr(core, "_orig_mod", core)
+    return {
+        "model": {"name": cfg.model, "kwargs": model_kwargs, "num_classes": len(class_names), "in_chans": spec.in_chans},
+        "class_names": list(class_names), "img_size": pre.img_size, "mean": list(spec.mean), "std": list(spec.std),
+        "preprocess": pre.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in core.state_dict().items()},
+        "config": cfg.to_dict(), "epoch": epoch, "metric": {"name": metric[0], "value": float(metric[1])},
+        "temperature": 1.0, "history": history, **extra,
+    }
+
+
+class Run:
+    """State of one training run (kept small: everything else is derived or in the checkpoint)."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool):
+        self.cfg, self.resume = cfg.validate(), resume
+        self.dist = init_distributed()
+        self.device = resolve_device(cfg.device, self.dist)
+        self.out = Path(cfg.out)
+        self.progress = True
+        self.history: list[dict] = []
+
+    def prepare_data(self) -> None:
+        cfg = self.cfg
+        self.index = build_index(cfg.data, cfg.manifest, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                 group_regex=cfg.group_regex)
+        for note in self.index.notes:
+            log.info("%s", note)
+        _leak_check(self.index, cfg)
+        self.splits = {}
+        for split in ("train", "val", "test"):
+            if split in self.index.splits:
+                if self.dist.world > 1 and not self.dist.main:
+                    torch.distributed.barrier()  # rank 0 fills the cache first
+                self.splits[split] = load_split(self.index, split, self.pre, cfg, self.progress and self.dist.main)
+                if self.dist.world > 1 and self.dist.main:
+                    torch.distributed.barrier()
+        counts = {sp: {c: int((d.arrays.labels == i).sum()) for i, c in enumerate(self.index.class_names)}
+                  for sp, d in self.splits.items()}
+        log.info("data: %s", ", ".join(f"{sp} {sum(c.values())}" for sp, c in counts.items()))
+        self.counts = counts
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        names = self.index.class_names
+        self.model, self.spec, self.model_kwargs = setup_model(cfg, len(names), self.pre, self.device)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("model %s: %.2fM parameters, input %d px x %d channel(s), device %s, world size %d",
+                 cfg.model, n_params / 1e6, self.pre.img_size, self.spec.in_chans, self.device, self.dist.world)
+        if self.dist.main:
+            check_output_dir(self.out, need_bytes=n_params * 4 * 5 + 50_000_000)
+        if cfg.sync_bn and self.dist.world > 1:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.criterion = build_criterion(cfg, self.splits["train"].arrays.labels, len(names), self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and cfg.amp in ("auto", "fp16") else None
+        self.stopper = EarlyStopping(cfg.monitor, cfg.early_stop)
+        self.start_epoch = 1
+        if self.resume:
+            self._load_resume_state()
+        self.train_model = self.model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    def _load_resume_state(self) -> None:
+        from cxrlab.checkpoint import load_checkpoint
+
+        path = self.out / "last.pt"
+        if not path.is_file():
+            raise CxrlabError(f"--resume: no last.pt in '{self.out}' (nothing to resume). Run without --resume to start")
+        ckpt = load_checkpoint(path, map_location=self.device)
+        old = ckpt["config"]
+        for key in ("model", "img_size", "seed", "batch_size"):
+            if old.get(key) != getattr(self.cfg, key):
+                raise CxrlabError(f"--resume: {key} was {old.get(key)!r} in '{path}' but is {getattr(self.cfg, key)!r} now; "
+                                  "resume with the original settings")
+        if ckpt["class_names"] != self.index.class_names:
+            raise CxrlabError(f"--resume: '{path}' was trained on classes {ckpt['class_names']}, the data has {self.index.class_names}")
+        self.model.load_state_dict(ckpt["state_dict"])
+        st = ckpt["train_state"]
+        self.optimizer.load_state_dict(st["optimizer"])
+        if self.scheduler is not None and st.get("scheduler"):
+            self.scheduler.load_state_dict(st["scheduler"])
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        self.stopper.load_state_dict(st["stopper"])
+        self.history = list(ckpt["history"])
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
+
+    def _lr(self) -> float:
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
+    def _warmup_hook(self, epoch: int, n_batches: int):
+        w = self.cfg.warmup_epochs
+        if epoch > w:
+            return None
+
+        def hook(i: int) -> None:
+            frac = ((epoch - 1) * n_batches + i + 1) / (w * n_batches)
+            for gr in self.optimizer.param_groups:
+                gr["lr"] = gr["base_lr"] * frac
+        return hook
+
+    def run_epoch(self, epoch: int) -> dict:
+        cfg, t = self.cfg, Timer()
+        if cfg.freeze_epochs:
+            set_backbone_frozen(self.model, epoch <= cfg.freeze_epochs)
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout and other module randomness
+        train = self.splits["train"].arrays
+        step = StepConfig(cfg.batch_size, cfg.seed, epoch, len(self.index.class_names), self.augment, cfg.sampler,
+                          cfg.mixup, cfg.cutmix, cfg.amp, cfg.grad_accum, self.progress)
+        micro = max(1, cfg.batch_size // (self.dist.world * cfg.grad_accum))
+        n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
+        tr = train_one_epoch(self.train_model, train, self.optimizer, self.criterion, self.spec, step, self.device,
+                             self.dist, self.scaler, on_batch=self._warmup_hook(epoch, n_batches))
+        val = self.splits["val"].arrays
+        logits = predict_logits(self.model, val.images, self.spec, self.device, amp=cfg.amp, dist=self.dist)
+        vm = epoch_metrics(logits, val.labels.numpy())
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": vm["loss"],
+               "val_acc": vm["acc"], "val_auc": vm["auc"], "lr": self._lr(), "seconds": t()}
+        self._schedule(epoch, row)
+        return {k: (v if k == "epoch" else _fmt(v)) for k, v in row.items()}
+
+    def _schedule(self, epoch: int, row: dict) -> None:
+        if epoch <= self.cfg.warmup_epochs or self.scheduler is None:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(row[self.cfg.monitor])
+        else:
+            self.scheduler.step()
+
+    def save(self, epoch: int, row: dict, is_best: bool) -> None:
+        metric = (self.cfg.monitor, row[self.cfg.monitor] if row[self.cfg.monitor] != "" else float("nan"))
+        base = make_checkpoint(self.model, self.cfg, self.index.class_names, self.pre, self.spec, epoch, metric,
+                               self.history, self.model_kwargs)
+        from cxrlab.checkpoint import save_checkpoint
+
+        if is_best:
+            save_checkpoint(base, self.out / "best.pt")
+        state = {"optimizer": self.optimizer.state_dict(), "stopper": self.stopper.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        save_checkpoint({**base, "train_state": state}, self.out / "last.pt")
+
+    def loop(self) -> None:
+        cfg, t = self.cfg, Timer()
+        self.augment = AugmentConfig(cfg.aug_flip, cfg.aug_rotation, cfg.aug_translate, cfg.aug_crop_scale_min,
+                                     cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise)
+        if self.dist.main:
+            _write_history(self.out / "history.csv", self.history)
+        for epoch in range(self.start_epoch, cfg.epochs + 1):
+            row = self.run_epoch(epoch)
+            value = row[cfg.monitor] if row[cfg.monitor] != "" else float("nan")
+            is_best = self.stopper.step(float(value), epoch)
+            self.history.append(row)
+            if self.dist.main:
+                _write_history(self.out / "history.csv", self.history)
+                self.save(epoch, row, is_best)
+                self._on_epoch_end(epoch)
+            log.info("epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %s | lr %.2g | %.1fs%s",
+                     epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
+                     row["val_auc"], row["lr"], row["seconds"], "  *best*" if is_best else "")
+            if self.stopper.should_stop:
+                log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)", cfg.monitor,
+                         cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
+                break
+            if cfg.time_budget_min and t() + t() / (epoch - self.start_epoch + 1) > cfg.time_budget_min * 60:
+                log.info("time budget of %.1f min reached after epoch %d", cfg.time_budget_min, epoch)
+                break
+
+    def _on_epoch_end(self, epoch: int) -> None:
+        cfg = self.cfg
+        if cfg.cam_every and epoch % cfg.cam_every == 0:
+            if not hasattr(self, "cams"):
+                from cxrlab.explain import TrainingCams
+
+                val = self.splits["val"]
+                k = min(cfg.cam_images, len(val.samples))
+                pick = np.linspace(0, len(val.samples) - 1, k).round().astype(int)
+                self.cams = TrainingCams(self.out / "cam", val.arrays.images[pick], val.arrays.labels[pick],
+                                         [val.samples[i].path.stem for i in pick], self.index.class_names, self.spec,
+                                         cfg.model, cfg.cam_method, self.device)
+            self.cams.on_epoch_end(epoch, self.model)
+
+
+def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train a model as configured and write the run folder.
+
+    Args:
+        cfg: the configuration.
+        resume: continue from `cfg.out/last.pt`.
+        progress: show progress bars.
+
+    Returns:
+        Summary: run folder, best epoch and metric, and the test metrics when there is a test split.
+    """
+    run = Run(cfg, resume)
+    run.progress = progress
+    from cxrlab.training_setup import resolve_preprocess
+
+    run.pre = resolve_preprocess(cfg)
+    handler = _attach_log_file(run)
+    try:
+        run.prepare_data()
+        run.setup()
+        if run.dist.main:
+            save_yaml(cfg, run.out / "config.yaml")
+            import json
+
+            (run.out / "data_summary.json").write_text(json.dumps(run.counts, indent=2))
+        run.loop()
+        result = {"run_dir": str(run.out), "best_epoch": run.stopper.best_epoch, "best": run.stopper.best}
+        if run.dist.main:
+            from cxrlab.finalize import finalize_run
+
+            result.update(finalize_run(run))
+        return result
+    finally:
+        if handler is not None:
+            logging.getLogger("cxrlab").removeHandler(handler)
+            handler.close()
+        if run.dist.world > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _attach_log_file(run: Run):
+    if not run.dist.main:
+        logging.getLogger("cxrlab").setLevel(logging.WARNING)
+        return None
+    check_output_dir(run.out, need_bytes=0)
+    handler = logging.FileHandler(run.out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("cxrlab")
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler

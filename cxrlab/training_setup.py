@@ -1,0 +1,131 @@
+"""Building blocks of a training run: device, process group, model, optimiser, scheduler, loss."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn as nn
+
+from cxrlab.config import TrainConfig
+from cxrlab.data.preprocess import Preprocess
+from cxrlab.engine import DistInfo, FocalLoss, InputSpec, soft_cross_entropy
+from cxrlab.errors import CxrlabError
+from cxrlab.models import channel_stats, create_model, model_spec
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); 1 process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    info = DistInfo(dist.get_rank(), dist.get_world_size())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return info
+
+
+def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    """`auto` -> CUDA (this rank's GPU), else Apple MPS, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if dist.world > 1 else torch.cuda.current_device())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise CxrlabError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CxrlabError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
+    """The preprocessing preset of a run (image size defaults to the model's own)."""
+    spec = model_spec(cfg.model)
+    return Preprocess(img_size=cfg.img_size or spec.img_size, equalize=cfg.equalize, crop_border=cfg.crop_border)
+
+
+def setup_model(cfg: TrainConfig, num_classes: int, pre: Preprocess, device: torch.device) -> tuple[nn.Module, InputSpec, dict]:
+    """Create the model with its input spec; returns (model, input spec, architecture kwargs)."""
+    spec = model_spec(cfg.model)
+    in_chans = cfg.in_chans or spec.in_chans
+    kwargs = dict(cfg.model_kwargs)
+    if spec.extra.get("size_dependent"):
+        kwargs.setdefault("img_size", pre.img_size)
+    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, pretrained=cfg.pretrained,
+                         weights=cfg.weights, **kwargs)
+    channels_last = cfg.channels_last and device.type != "mps"
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ispec = InputSpec(channel_stats(spec.mean, in_chans), channel_stats(spec.std, in_chans), in_chans, channels_last)
+    return model, ispec, kwargs
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the classifier head (timm's `get_classifier`, else the last Linear layer)."""
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return list(head.parameters())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return list(linears[-1].parameters()) if linears else []
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (default), AdamW or SGD; the backbone may get a smaller LR (`backbone_lr_mult`)."""
+    head = {id(p) for p in head_parameters(model)}
+    body = [p for p in model.parameters() if id(p) not in head]
+    groups = [{"params": body, "lr": cfg.lr * cfg.backbone_lr_mult, "base_lr": cfg.lr * cfg.backbone_lr_mult},
+              {"params": [p for p in model.parameters() if id(p) in head], "lr": cfg.lr, "base_lr": cfg.lr}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """ReduceLROnPlateau on the monitored metric (reference: factor 0.5, patience 5), cosine, or none."""
+    if cfg.scheduler == "plateau":
+        mode = "min" if cfg.monitor.endswith("loss") else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.plateau_factor,
+                                                          patience=cfg.plateau_patience)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs - cfg.warmup_epochs))
+    return None
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Reference design 2's weights from class frequencies: n / (classes * n_c)."""
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+    return counts.sum() / (num_classes * counts)
+
+
+def build_criterion(cfg: TrainConfig, labels: torch.Tensor, num_classes: int, device: torch.device):
+    """Cross-entropy (default) or focal loss, optionally class-weighted. Takes soft targets."""
+    w = class_weights(labels, num_classes).to(device) if cfg.class_weights else None
+    if w is not None:
+        log.info("class weights: %s", ", ".join(f"{x:.3f}" for x in w.tolist()))
+    if cfg.loss == "focal":
+        return FocalLoss(cfg.focal_gamma, w, cfg.label_smoothing).to(device)
+    return lambda logits, target: soft_cross_entropy(logits, target, w, cfg.label_smoothing)
+
+
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or unfreeze) everything but the classifier head."""
+    head = {id(p) for p in head_parameters(model)}
+    for p in model.parameters():
+        if id(p) not in head:
+            p.requires_grad_(not frozen)
