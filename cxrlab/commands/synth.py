@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, default=200, metavar="N",
                         help="total images per class, split 70/15/15 train/val/test (default: 200)")
     parser.add_argument("--size", type=int, default=128, metavar="PX", help="image side in pixels (default: 128)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; same seed, same bytes (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="random seed; same seed, same bytes (default: 0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow a non-empty DIR that is not a previous synth output (replaces its split "
                              "folders, masks/ and manifest.csv; other files are kept)")
