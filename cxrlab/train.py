@@ -154,6 +154,7 @@ class Run:
     def setup(self) -> None:
         cfg = self.cfg
         names = self.index.class_names
+        torch.manual_seed(cfg.seed)  # same initial weights for a given seed, whatever the world size
         self.model, self.spec, self.model_kwargs = setup_model(cfg, len(names), self.pre, self.device)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model %s: %.2fM parameters, input %d px x %d channel(s), device %s, world size %d",
