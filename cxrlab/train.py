@@ -161,7 +161,10 @@ class Run:
                  cfg.model, n_params / 1e6, self.pre.img_size, self.spec.in_chans, self.device, self.dist.world)
         if self.dist.main:
             check_output_dir(self.out, need_bytes=n_params * 4 * 5 + 50_000_000)
-        if cfg.sync_bn and self.dist.world > 1:
+        if cfg.sync_bn and self.dist.world > 1 and self.device.type != "cuda":
+            log.warning("--sync-bn ignored: PyTorch's SyncBatchNorm runs on CUDA GPUs only; on %s each process "
+                        "keeps its own BatchNorm batch statistics", self.device.type)
+        elif cfg.sync_bn and self.dist.world > 1:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
