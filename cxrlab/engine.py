@@ -229,6 +229,23 @@ def _all_reduce(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:
 
 
 @torch.no_grad()
+def average_buffers(model: nn.Module, dist: DistInfo) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over the ranks, in place.
+
+    Each rank updates its BatchNorm statistics from its own shard, so without this the ranks would
+    evaluate different models and the validation metrics would not be those of the saved checkpoint.
+    """
+    if dist.world == 1:
+        return
+    import torch.distributed as tdist
+
+    for b in model.buffers():
+        if b.is_floating_point():
+            tdist.all_reduce(b)
+            b.div_(dist.world)
+
+
+@torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device,
                    batch_size: int = 128, amp: str = "off", dist: DistInfo = DistInfo(), tta: bool = False) -> np.ndarray:
     """Logits for uint8 images (N, S, S); in a distributed run each rank does a shard and all get all.

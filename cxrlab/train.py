@@ -23,8 +23,8 @@ from cxrlab.config import TrainConfig, save_yaml
 from cxrlab.data.augment import AugmentConfig
 from cxrlab.data.dataset import DataIndex, build_index
 from cxrlab.data.preprocess import Preprocess
-from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepConfig, Timer, epoch_metrics,
-                           predict_logits, train_one_epoch)
+from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepConfig, Timer, average_buffers,
+                           epoch_metrics, predict_logits, train_one_epoch)
 from cxrlab.errors import CxrlabError
 from cxrlab.training_setup import (build_criterion, build_optimizer, build_scheduler, init_distributed,
                                    resolve_device, set_backbone_frozen, setup_model)
@@ -233,6 +233,7 @@ class Run:
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
         tr = train_one_epoch(self.train_model, train, self.optimizer, self.criterion, self.spec, step, self.device,
                              self.dist, self.scaler, on_batch=self._warmup_hook(epoch, n_batches))
+        average_buffers(self.model, self.dist)
         val = self.splits["val"].arrays
         logits = predict_logits(self.model, val.images, self.spec, self.device, amp=cfg.amp, dist=self.dist)
         vm = epoch_metrics(logits, val.labels.numpy())
