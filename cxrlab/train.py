@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,9 +286,17 @@ class Run:
                 log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)", cfg.monitor,
                          cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
                 break
-            if cfg.time_budget_min and t() + t() / (epoch - self.start_epoch + 1) > cfg.time_budget_min * 60:
+            if cfg.time_budget_min and self._rank0_says(t() + t() / (epoch - self.start_epoch + 1) > cfg.time_budget_min * 60):
                 log.info("time budget of %.1f min reached after epoch %d", cfg.time_budget_min, epoch)
                 break
+
+    def _rank0_says(self, flag: bool) -> bool:
+        """Rank 0's decision on every rank (clocks differ between processes; all must stop together)."""
+        if self.dist.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
 
     def _on_epoch_end(self, epoch: int) -> None:
         cfg = self.cfg
@@ -341,7 +350,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
             logging.getLogger("cxrlab").removeHandler(handler)
             handler.close()
         if run.dist.world > 1:
-            torch.distributed.barrier()
+            if sys.exc_info()[0] is None:  # after a failure, exit at once (torchrun stops the other ranks)
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
