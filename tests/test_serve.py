@@ -1,0 +1,230 @@
+"""The web service: every endpoint, bad uploads, limits, token, the prediction log under concurrency."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import sqlite3
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from cxrlab.config import TrainConfig
+    from cxrlab.data.synth import generate
+    from cxrlab.train import fit
+
+    root = tmp_path_factory.mktemp("serve")
+    generate(root / "d", per_class=10, size=48)
+    cfg = TrainConfig(model="custom_cnn", epochs=1, img_size=48, batch_size=16, report=False, cache=False,
+                      out=str(root / "run"), data=str(root / "d"))
+    fit(cfg, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(trained):
+    return trained / "run" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def client(ckpt, trained):
+    from cxrlab.serve.app import create_app
+
+    app = create_app(ckpt, log_db=trained / "log.sqlite", device="cpu")
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def png(trained) -> bytes:
+    path = next((trained / "d" / "test").rglob("*.png"))
+    return path.read_bytes()
+
+
+def _jpeg(png: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("L").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _bomb_png(side: int = 20000) -> bytes:
+    """A real decompression bomb: a valid `side` x `side` 8-bit PNG of zeros (~400 KB compressed)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    comp, row, parts = zlib.compressobj(9), b"\0" * (side + 1), []
+    rows_per_block = 256
+    for start in range(0, side, rows_per_block):
+        parts.append(comp.compress(row * min(rows_per_block, side - start)))
+    parts.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def _post(client, data: bytes, name="x.png", path="/api/predict", **kw):
+    return client.post(path, files={"file": (name, data, "application/octet-stream")}, **kw)
+
+
+def test_health_model_and_pages(client):
+    assert client.get("/api/health").json() == {"status": "ok"}
+    m = client.get("/api/model").json()
+    assert m["architecture"] == "custom_cnn" and m["img_size"] == 48
+    assert m["class_names"] == ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+    assert m["model_id"].startswith("custom_cnn-") and m["version"]
+    page = client.get("/")
+    assert page.status_code == 200 and "not for clinical use" in page.text.lower()
+    assert "http" not in page.text.split("<body>")[0].replace("http-equiv", "")  # no CDN assets in <head>
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/docs").status_code == 200 and "/openapi.json" in client.get("/docs").text
+    spec = client.get("/openapi.json").json()
+    assert {"/api/predict", "/api/explain", "/api/history", "/api/model", "/api/health"} <= set(spec["paths"])
+
+
+def test_predict_png_and_jpeg(client, png):
+    for data, name in ((png, "a.png"), (_jpeg(png), "b.jpg"), (png, "../../etc/passwd")):
+        r = _post(client, data, name)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        probs = body["probabilities"]
+        assert abs(sum(probs.values()) - 1) < 1e-4
+        assert body["predicted"] == max(probs, key=probs.get)
+        assert body["sha256"] == hashlib.sha256(data).hexdigest()
+        assert body["model"] == client.get("/api/model").json()["model_id"]
+
+
+def test_explain_png_and_json(client, png):
+    r = _post(client, png, path="/api/explain")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
+    r = _post(client, png, path="/api/explain?format=json&target=PNEUMONIA")
+    body = r.json()
+    assert r.status_code == 200 and body["target"] == "PNEUMONIA"
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
+    for key in ("overlay_png_base64", "image_png_base64", "heatmap_png_base64"):
+        assert base64.b64decode(body[key]).startswith(b"\x89PNG")
+    img = Image.open(io.BytesIO(base64.b64decode(body["image_png_base64"])))
+    heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png_base64"])))
+    assert img.size == heat.size == (48, 48)
+    bad = _post(client, png, path="/api/explain?target=NOPE")
+    assert bad.status_code == 400 and "NOPE" in bad.json()["error"]
+
+
+def test_bad_uploads_are_4xx_json(client, png):
+    cases = {
+        "random": np.random.default_rng(0).bytes(5000),
+        "empty": b"",
+        "truncated jpeg": _jpeg(png)[:300],
+        "text": b"hello, this is not an image\n" * 10,
+        "bomb": _bomb_png(),
+    }
+    for what, data in cases.items():
+        for path in ("/api/predict", "/api/explain"):
+            r = _post(client, data, "x.png", path=path)
+            assert 400 <= r.status_code < 500, (what, path, r.status_code, r.text)
+            err = r.json()["error"]
+            assert isinstance(err, str) and err, what
+            assert "/tmp" not in err  # the temp file's path is never shown
+    assert "Mpx" in _post(client, cases["bomb"]).json()["error"]
+    assert "empty" in _post(client, b"").json()["error"]
+    missing = client.post("/api/predict", data={"other": "1"})
+    assert missing.status_code == 422 and "file" in missing.json()["error"]
+    assert client.get("/api/health").json() == {"status": "ok"}  # still alive
+
+
+def test_upload_limit_413(ckpt, trained, png):
+    from cxrlab.serve.app import create_app
+
+    app = create_app(ckpt, max_upload_bytes=len(png) - 1, log_db=trained / "limit.sqlite", device="cpu")
+    with TestClient(app) as c:
+        over_file = _post(c, png)  # envelope fits the body limit; the file itself is counted while copied
+        assert over_file.status_code == 413 and "limit" in over_file.json()["error"]
+        huge = _post(c, b"\0" * (len(png) + 200_000))  # Content-Length over the limit: refused before reading
+        assert huge.status_code == 413 and "limit" in huge.json()["error"]
+
+        def chunks():  # no Content-Length: counted while streaming
+            for _ in range(50):
+                yield b"\0" * 10_000
+
+        streamed = c.post("/api/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+        assert streamed.status_code == 413
+        assert _post(c, png[: len(png) - 1]).status_code == 200  # exactly at the limit: accepted (decodes)
+
+
+def test_token(ckpt, trained, png):
+    from cxrlab.serve.app import create_app
+
+    app = create_app(ckpt, token="s3cret", log_db=trained / "token.sqlite", device="cpu")
+    with TestClient(app) as c:
+        assert c.get("/api/health").status_code == 200
+        for r in (c.get("/api/model"), c.get("/api/history"), _post(c, png),
+                  c.get("/api/model", headers={"Authorization": "Bearer wrong"})):
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+            assert "token" in r.json()["error"]
+        ok = _post(c, png, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/api/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/").status_code == 200  # the page itself is public; it asks for the token
+
+
+def test_history_and_cli(client, png, trained, capsys):
+    from cxrlab.cli import main
+
+    _post(client, png)
+    r = client.get("/api/history?limit=2").json()
+    assert len(r["entries"]) == 2 and r["total"] >= 2
+    e = r["entries"][0]
+    assert e["sha256"] == hashlib.sha256(png).hexdigest() and e["endpoint"] == "predict"
+    assert e["time"].endswith("+00:00") and set(e["probabilities"]) == {"NORMAL", "PNEUMONIA", "TUBERCULOSIS"}
+    assert client.get("/api/history?limit=0").status_code == 422
+    assert main(["history", "--log-db", str(trained / "log.sqlite"), "--limit", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
+    assert main(["history", "--log-db", str(trained / "log.sqlite")]) == 0
+    assert "entries in" in capsys.readouterr().out
+    assert main(["history", "--log-db", str(trained / "missing.sqlite")]) == 2
+
+
+def test_concurrent_predictions_all_logged(ckpt, trained, png):
+    from cxrlab.serve.app import create_app
+
+    db = trained / "concurrent.sqlite"
+    app = create_app(ckpt, log_db=db, device="cpu")
+    with TestClient(app) as c:
+        def work(i):
+            return [_post(c, png).status_code for _ in range(5)]
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = [s for batch in pool.map(work, range(16)) for s in batch]
+    assert codes == [200] * 80
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT sha256, model, predicted, probabilities, time FROM predictions").fetchall()
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+    assert len(rows) == 80
+    sha = hashlib.sha256(png).hexdigest()
+    for s, _model, pred, probs, _t in rows:
+        p = json.loads(probs)
+        assert s == sha and pred in p and abs(sum(p.values()) - 1) < 1e-4
+
+
+def test_no_path_traversal(client):
+    for path in ("/../../etc/passwd", "/static/../../../etc/passwd", "/static/..%2f..%2f..%2fetc/passwd",
+                 "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/static//etc/passwd", "/static/../app.py",
+                 "/static/..%2fapp.py"):
+        r = client.get(path)
+        assert r.status_code in (400, 404), (path, r.status_code)
+        assert "root:" not in r.text and "create_app" not in r.text
+    assert client.get("/nope").json()["error"].startswith("not found")
