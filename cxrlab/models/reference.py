@@ -3,7 +3,8 @@
 * `chestxray_cnn` (design 1): VGG-style, 5 blocks of two 3x3 conv + BatchNorm + ReLU with
   64-128-256-512-512 channels, each block closed by 2x2 max-pooling and dropout
   0.25/0.25/0.3/0.3/0.3; adaptive average pooling to 7x7; classifier 25088-4096-2048-classes with
-  ReLU and dropout 0.5; Kaiming initialisation. Its real size is ~120.6M parameters (the FC layers
+  ReLU and dropout 0.5; Kaiming initialisation of the convolutions (FC layers N(0, 0.01), as
+  torchvision's VGG, which keeps the 25088-wide first FC layer from saturating the softmax). Its real size is ~120.6M parameters (the FC layers
   alone hold 111M); the design's author quoted ~40M, which the stated FC sizes cannot give.
 * `custom_cnn` (design 2): 4 blocks of conv + BatchNorm + ReLU + max-pool (32-64-128-256); the
   flatten size is computed from the input size with a dry run, then FC 512 + dropout 0.5.
@@ -29,8 +30,8 @@ def _kaiming_init(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif isinstance(m, nn.Linear):  # as torchvision's VGG: Kaiming for convs, N(0, 0.01) for FC layers
+            nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
 
 
