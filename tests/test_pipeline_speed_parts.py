@@ -1,0 +1,144 @@
+"""The parts the fast pipeline rests on: the decode cache, batched augmentation, and one preprocessing
+path shared by training and prediction. Functional checks only (timing lives in bench/throughput.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxrlab.data.augment import AugmentConfig, augment_batch
+from cxrlab.data.cache import load_arrays, settings_key
+from cxrlab.data.preprocess import Preprocess, load_array
+from cxrlab.engine import InputSpec
+from cxrlab.inference import ModelBundle
+
+PRE = Preprocess(img_size=32)
+OFF = AugmentConfig(flip=0.0, rotation=0.0, translate=0.0, crop_scale_min=1.0, brightness=0.0, contrast=0.0)
+
+
+def write_images(folder: Path, n: int = 4, size: int = 48) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size + 8 * i), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def cache_entries(root: Path, suffix: str) -> list[Path]:
+    return sorted(root.rglob(f"*{suffix}"))
+
+
+def test_cache_round_trip_hits_the_cache(tmp_path):
+    paths = write_images(tmp_path)
+    cache = tmp_path / "cache"
+    a1, ok1, err1 = load_arrays(paths, PRE, cache_dir=cache)
+    entries = cache_entries(cache / settings_key(PRE), ".u8")
+    assert len(entries) == len(paths) and not err1 and ok1 == list(range(len(paths)))
+    mtimes = [e.stat().st_mtime_ns for e in entries]
+    a2, ok2, _ = load_arrays(paths, PRE, cache_dir=cache)
+    assert a1.dtype == np.uint8 and a1.shape == (len(paths), 32, 32)
+    np.testing.assert_array_equal(a1, a2)
+    assert ok2 == ok1 and [e.stat().st_mtime_ns for e in entries] == mtimes  # read back, not rewritten
+    np.testing.assert_array_equal(a1[0], load_array(paths[0], PRE))  # same as decoding without a cache
+
+
+def test_cache_served_entry_is_what_is_returned(tmp_path):
+    """A second run reads the stored entry: tampering with it shows up in the result."""
+    paths = write_images(tmp_path, n=1)
+    cache = tmp_path / "cache"
+    load_arrays(paths, PRE, cache_dir=cache)
+    (entry,) = cache_entries(cache, ".u8")
+    entry.write_bytes(np.full(32 * 32, 7, np.uint8).tobytes())
+    arrays, _, _ = load_arrays(paths, PRE, cache_dir=cache)
+    assert (arrays[0] == 7).all()
+
+
+def test_changed_file_is_redecoded(tmp_path):
+    paths = write_images(tmp_path, n=1)
+    cache = tmp_path / "cache"
+    before, _, _ = load_arrays(paths, PRE, cache_dir=cache)
+    Image.fromarray(np.full((48, 48), 200, np.uint8)).save(paths[0])
+    after, _, _ = load_arrays(paths, PRE, cache_dir=cache)
+    assert (after[0] == 200).all() and not np.array_equal(before, after)
+    assert len(cache_entries(cache, ".u8")) == 2  # a new content key, the old entry untouched
+
+
+def test_changed_settings_use_another_entry(tmp_path):
+    paths = write_images(tmp_path, n=2)
+    cache = tmp_path / "cache"
+    other = Preprocess(img_size=32, equalize=True)
+    assert settings_key(other) != settings_key(PRE)
+    a, _, _ = load_arrays(paths, PRE, cache_dir=cache)
+    b, _, _ = load_arrays(paths, other, cache_dir=cache)
+    assert len(cache_entries(cache / settings_key(PRE), ".u8")) == 2
+    assert len(cache_entries(cache / settings_key(other), ".u8")) == 2
+    np.testing.assert_array_equal(b[0], load_array(paths[0], other))
+    assert not np.array_equal(a, b)
+
+
+def test_unreadable_file_reported_and_error_cached(tmp_path):
+    paths = write_images(tmp_path, n=2)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    cache = tmp_path / "cache"
+    arrays, ok, errors = load_arrays([paths[0], bad, paths[1]], PRE, cache_dir=cache)
+    assert ok == [0, 2] and arrays.shape[0] == 2 and list(errors) == [str(bad)] and errors[str(bad)]
+    (err_entry,) = cache_entries(cache, ".err")
+    assert err_entry.read_text() == errors[str(bad)]
+    _, ok2, errors2 = load_arrays([paths[0], bad, paths[1]], PRE, cache_dir=cache)
+    assert ok2 == ok and errors2 == errors
+
+
+def test_no_cache_writes_nothing(tmp_path):
+    paths = write_images(tmp_path, n=2)
+    arrays, ok, _ = load_arrays(paths, PRE, cache_dir=False)
+    assert ok == [0, 1] and not list(tmp_path.rglob("*.u8"))
+    np.testing.assert_array_equal(arrays[1], load_array(paths[1], PRE))
+
+
+@pytest.mark.parametrize("shape", [(5, 40, 40), (5, 1, 40, 40)])
+def test_augment_batch_deterministic_and_preserves_shape(shape):
+    x = torch.randint(0, 256, shape, dtype=torch.uint8)
+    cfg = AugmentConfig(gamma=0.3, noise=0.02)
+    a = augment_batch(x, cfg, torch.Generator().manual_seed(3))
+    b = augment_batch(x, cfg, torch.Generator().manual_seed(3))
+    c = augment_batch(x, cfg, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    assert a.shape == (5, 1, 40, 40) and a.dtype == torch.float32
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 255.0
+
+
+def test_augment_batch_with_zero_strengths_is_identity():
+    x = torch.randint(0, 256, (4, 36, 36), dtype=torch.uint8)
+    out = augment_batch(x, OFF, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x.float().unsqueeze(1), rtol=0, atol=1e-3)
+
+
+class MeanModel(torch.nn.Module):
+    """Logits = per-channel means: enough to tell different inputs apart."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def test_train_and_predict_see_identical_preprocessing(tmp_path):
+    paths = write_images(tmp_path, n=3, size=60)
+    pre = Preprocess(img_size=32, equalize=True, crop_border=0.05)
+    spec = InputSpec([0.5], [0.25], 1)
+    bundle = ModelBundle({"class_names": ["A"]}, MeanModel(), pre, spec, torch.device("cpu"))
+    seen = []
+    original = bundle.logits_for_arrays
+    bundle.logits_for_arrays = lambda images, **kw: (seen.append(np.asarray(images).copy()), original(images, **kw))[1]
+    logits, ok, errors = bundle.logits_for_files(paths, cache=False)
+    train_arrays, train_ok, _ = load_arrays(paths, pre, cache_dir=tmp_path / "cache")
+    assert ok == train_ok and not errors
+    assert seen[0].dtype == np.uint8
+    np.testing.assert_array_equal(seen[0], train_arrays)
+    np.testing.assert_allclose(logits, original(train_arrays), rtol=0, atol=0)
