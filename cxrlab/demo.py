@@ -12,7 +12,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DEMO_DEFAULTS = {"per_class": 160, "size": 96, "model": "custom_cnn", "epochs": 12, "batch_size": 32, "lr": 1e-3}
+DEMO_DEFAULTS = {"per_class": 300, "size": 96, "model": "small_cnn", "epochs": 30, "batch_size": 32, "lr": 3e-3}
 
 
 def run_demo(out: str | Path = "demo_run", *, per_class: int = DEMO_DEFAULTS["per_class"], size: int = DEMO_DEFAULTS["size"],
@@ -42,7 +42,7 @@ def run_demo(out: str | Path = "demo_run", *, per_class: int = DEMO_DEFAULTS["pe
     log.info("[1/4] synthetic phantoms: %s", data)
     cfg = TrainConfig(data=str(data), out=str(out / "run"), model=model, img_size=size, epochs=epochs,
                       batch_size=DEMO_DEFAULTS["batch_size"], lr=DEMO_DEFAULTS["lr"], seed=seed, early_stop=0,
-                      cam_every=max(1, epochs // 3), cam_images=6, monitor="val_loss")
+                      scheduler="cosine", cam_every=max(1, epochs // 3), cam_images=6, monitor="val_loss")
     log.info("[2/4] training %s for %d epochs at %d px", model, epochs, size)
     result = fit(cfg, progress=progress)
     best = out / "run" / "best.pt"

@@ -4,7 +4,8 @@ The synthetic phantoms (`cxrlab synth`) come with a lesion mask for every abnorm
 (`DIR/masks/<split>/<CLASS>/<stem>.png`), so the Grad-CAM of the true class can be scored:
 
 * pointing game (Zhang et al. 2016): a hit when the heatmap's maximum lies inside the mask,
-  dilated by a small tolerance (default 2.5% of the side);
+  dilated by a tolerance: 15 px at 224 px as in the original protocol, i.e. 15/224 (6.7%) of the
+  side, which is also about one cell of a stride-8 or stride-16 CAM grid;
 * energy in mask: the fraction of the heatmap's mass that falls inside the mask.
 """
 
@@ -21,7 +22,7 @@ from cxrlab.errors import CxrlabError
 
 log = logging.getLogger(__name__)
 
-TOLERANCE_FRACTION = 0.025
+TOLERANCE_FRACTION = 15 / 224  # Zhang et al. 2016: 15 pixels on 224-pixel inputs
 
 
 def default_tolerance(side: int) -> int:
@@ -126,7 +127,7 @@ def score_faithfulness(checkpoint, data: str | Path, masks: str | Path | None = 
         split: which split.
         method: CAM method (`cxrlab.explain.METHODS`).
         out: folder for `faithfulness.json` and example overlays of hits and misses (None: nothing written).
-        tolerance_px: pointing-game tolerance (default 2.5% of the side).
+        tolerance_px: pointing-game tolerance (default 15/224 of the side, the published protocol).
         n_examples: overlays saved per outcome (hit / miss).
         batch_size: images explained at a time.
 

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     score.add_argument("--masks", metavar="DIR", help="mask folder DIR/<split>/<CLASS>/<stem>.png (default: DATA/masks)")
     score.add_argument("--split", default="test", help="split to score (default: test)")
     score.add_argument("--tolerance", type=int, default=None, metavar="PX",
-                       help="pointing-game tolerance in pixels (default: 2.5%% of the input size)")
+                       help="pointing-game tolerance in pixels (default: 15/224 of the input size, as in Zhang et al. 2016)")
 
 
 def _check(args) -> None:

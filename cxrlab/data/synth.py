@@ -220,7 +220,7 @@ def pneumonia_lesion(a: Anatomy, x, y, rng) -> np.ndarray:
         n = int(rng.integers(3, 7))
         centres, radii = centre[None] + rng.normal(0, 0.045, (n, 2)), rng.uniform(0.03, 0.05, n)
     field = _blob_field(rng, x, y, centres.astype(np.float32), radii, size, rough=rng.uniform(0.5, 1.0))
-    return blur(field, size * rng.uniform(0.01, 0.025)) * rng.uniform(0.16, 0.3)
+    return blur(field, size * rng.uniform(0.01, 0.025)) * rng.uniform(0.28, 0.45)
 
 
 def tuberculosis_lesion(a: Anatomy, x, y, rng) -> np.ndarray:
@@ -228,7 +228,7 @@ def tuberculosis_lesion(a: Anatomy, x, y, rng) -> np.ndarray:
     centre, side = _lesion_site(a, rng, (0.08, 0.3))
     n = int(rng.integers(4, 10))
     cen = (centre[None] + rng.normal(0, 0.035, (n, 2))).astype(np.float32)
-    field = _blob_field(rng, x, y, cen, rng.uniform(0.014, 0.026, n), x.shape[0], rough=0.3)
+    field = _blob_field(rng, x, y, cen, rng.uniform(0.018, 0.03, n), x.shape[0], rough=0.3)
     if rng.random() < 0.6:  # cavity: bright ring, lucent centre
         r = np.hypot(x - centre[0], y - centre[1])
         rad = rng.uniform(0.028, 0.045)
@@ -239,7 +239,7 @@ def tuberculosis_lesion(a: Anatomy, x, y, rng) -> np.ndarray:
         p1 = centre + (hil - centre) * rng.uniform(0.35, 0.6, (k, 1)) + rng.normal(0, 0.02, (k, 2))
         dist, t = _seg_dist(x, y, np.repeat(centre[None], k, 0), p1.astype(np.float32))
         field = np.maximum(field, 0.8 * (np.exp(-dist / 0.006**2) * (1 - 0.5 * t)).max(0))
-    return field * rng.uniform(0.13, 0.26)
+    return field * rng.uniform(0.24, 0.4)
 
 
 LESIONS = {"NORMAL": None, "PNEUMONIA": pneumonia_lesion, "TUBERCULOSIS": tuberculosis_lesion}

@@ -98,8 +98,8 @@ def _build_custom(num_classes, in_chans=3, pretrained=False, **kw):
     return CustomCNN(num_classes, in_chans, **kw)
 
 
-register(ModelSpec("chestxray_cnn", _build_chestxray, lambda m: m.features[-1][4], img_size=224,
+register(ModelSpec("chestxray_cnn", _build_chestxray, lambda m: m.features[-1][5], img_size=224,
                    description="reference design 1: VGG-style 5-block CNN, ~120M parameters"))
-register(ModelSpec("custom_cnn", _build_custom, lambda m: m.features[-3], img_size=224,
+register(ModelSpec("custom_cnn", _build_custom, lambda m: m.features[-2], img_size=224,
                    description="reference design 2: 4-block CNN, flatten size from the input size",
                    extra={"size_dependent": True}))
