@@ -57,7 +57,8 @@ def _predict_some(best: Path, data: Path, out: Path) -> dict:
     from cxrlab.inference import load_model_bundle
     from cxrlab.predict import predict_paths, write_rows
 
-    files = sorted((data / "test").rglob("*.png"))[::7][:6]
+    files = sorted((data / "test").rglob("*.png"))
+    files = files[:: max(1, len(files) // 6)][:6]  # spread over the classes
     bundle = load_model_bundle(best)
     rows = predict_paths(bundle, [str(f) for f in files])
     write_rows(rows, str(out / "predictions_demo.csv"), bundle.class_names)

@@ -29,7 +29,12 @@ def calibrate_checkpoint(ckpt: dict, val_logits: np.ndarray, val_y: np.ndarray, 
 
     names = list(ckpt["class_names"])
     if calibrate:
-        ckpt["temperature"] = float(fit_temperature(val_logits, val_y))
+        temp = float(fit_temperature(val_logits, val_y))
+        if temp < 1 and (val_logits.argmax(1) == val_y).all():
+            # With no validation error the NLL keeps falling as T -> 0: there is no evidence to sharpen.
+            log.info("validation has no errors: temperature left at 1 (the fit would sharpen to %.3f without evidence)", temp)
+            temp = 1.0
+        ckpt["temperature"] = temp
         ckpt["calibration_fitted_on"] = f"validation ({len(val_y)} images)"
     probs = apply_temperature(val_logits, float(ckpt.get("temperature", 1.0)))
     thresholds, ops = {}, {}
