@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -54,11 +53,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CxrlabError(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CxrlabError(f"'{path}' needs arbitrary Python code to load (a pickled model or object), which cxrlab "
-                          f"refuses for safety. Re-save it as a state_dict checkpoint.") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CxrlabError(f"'{path}' is not a readable checkpoint ({type(exc).__name__}). Pass a best.pt/last.pt written by cxrlab train") from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign files
+        if isinstance(exc, pickle.UnpicklingError) and ("Weights only load failed" in str(exc) or "global" in str(exc)):
+            raise CxrlabError(f"'{path}' needs arbitrary Python code to load (a pickled model or object), which cxrlab "
+                              f"refuses for safety. Re-save it as a state_dict checkpoint.") from exc
+        raise CxrlabError(f"'{path}' is not a readable checkpoint ({type(exc).__name__}). Pass a best.pt/last.pt "
+                          "written by cxrlab train") from exc
     return validate_checkpoint(ckpt, path)
 
 

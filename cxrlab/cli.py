@@ -87,8 +87,10 @@ def setup_logging(quiet: bool = False, debug: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cxrlab` command. Returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _maybe_reexec_with_allocator(argv)
+    if argv is None:  # a real command line (not a call from Python code, which must not be replaced)
+        argv = sys.argv[1:]
+        _maybe_reexec_with_allocator(argv)
+    argv = list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -1,0 +1,130 @@
+"""The CLI end to end on a tiny synthetic set: synth -> train -> evaluate -> predict, plus resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = dict(os.environ, CXRLAB_NO_REEXEC="1")
+
+
+def cli(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "cxrlab", *map(str, args)], capture_output=True, text=True, env=ENV)
+    if check and r.returncode != 0:
+        raise AssertionError(f"cxrlab {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    cli("synth", "--out", root / "d", "--per-class", 20, "--size", 48, "--seed", 0)
+    cli("train", "--data", root / "d", "--model", "custom_cnn", "--epochs", 2, "--img-size", 48, "--batch-size", 16,
+        "--out", root / "run", "--no-report", "--no-cache", "--quiet")
+    return root
+
+
+def test_train_writes_the_run_folder(cli_run):
+    run = cli_run / "run"
+    for f in ("config.yaml", "history.csv", "train.log", "best.pt", "last.pt", "metrics.json",
+              "classification_report.txt", "predictions.csv", "data_summary.json"):
+        assert (run / f).is_file(), f
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds"}
+    import yaml
+
+    cfg = yaml.safe_load(open(run / "config.yaml"))
+    assert cfg["model"] == "custom_cnn" and cfg["epochs"] == 2 and cfg["lr"] == 1e-3
+
+
+def test_evaluate_metrics_are_consistent(cli_run):
+    out = cli_run / "ev"
+    r = cli("evaluate", "--checkpoint", cli_run / "run" / "best.pt", "--data", cli_run / "d", "--split", "test",
+            "--out", out, "--no-report", "--bootstrap", 200)
+    assert "accuracy" in r.stdout
+    m = json.load(open(out / "metrics.json"))
+    n_test = len(list((cli_run / "d" / "test").rglob("*.png")))
+    cm = m["confusion_matrix"]
+    assert m["n"] == n_test == sum(map(sum, cm))
+    assert m["class_names"] == ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+    assert m["accuracy"] == pytest.approx(sum(cm[i][i] for i in range(3)) / n_test)
+    for i, c in enumerate(m["class_names"]):
+        pc = m["per_class"][c]
+        assert pc["support"] == sum(cm[i])
+        assert pc["recall"] == pytest.approx(cm[i][i] / sum(cm[i]))
+        assert {"precision", "recall", "f1", "support", "auc", "accuracy"} <= set(pc)
+    for k in ("accuracy", "macro_f1", "weighted_f1", "auc_macro"):
+        assert 0 <= m[k] <= 1
+    report = (out / "classification_report.txt").read_text()
+    assert "precision" in report and "TUBERCULOSIS" in report
+
+
+def test_predict_csv_and_json(cli_run):
+    imgs = sorted((cli_run / "d" / "test").rglob("*.png"))[:5]
+    cli("predict", "--checkpoint", cli_run / "run" / "best.pt", *imgs, "--output", cli_run / "p.csv")
+    rows = list(csv.DictReader(open(cli_run / "p.csv")))
+    assert len(rows) == 5
+    for r in rows:
+        probs = [float(r[f"prob_{c}"]) for c in ("NORMAL", "PNEUMONIA", "TUBERCULOSIS")]
+        assert sum(probs) == pytest.approx(1, abs=1e-4)
+        assert r["predicted"] in ("NORMAL", "PNEUMONIA", "TUBERCULOSIS")
+    cli("predict", "--checkpoint", cli_run / "run" / "best.pt", cli_run / "d" / "test", "--output", cli_run / "p.json")
+    data = json.load(open(cli_run / "p.json"))
+    assert len(data) == len(list((cli_run / "d" / "test").rglob("*.png")))  # folders are searched recursively
+
+
+def test_user_errors_are_clean(cli_run, tmp_path):
+    r = cli("train", "--data", tmp_path / "missing", "--out", tmp_path / "o", check=False)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = cli("train", "--data", cli_run / "d", "--model", "nonet", "--out", tmp_path / "o", check=False)
+    assert r.returncode == 2 and "Valid models" in r.stderr and "Traceback" not in r.stderr
+    r = cli("evaluate", "--checkpoint", cli_run / "run" / "history.csv", "--data", cli_run / "d", "--out", tmp_path / "e", check=False)
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr
+    r = cli("train", "--data", cli_run / "d", "--out", tmp_path / "o", "--epochs", 0, check=False)
+    assert r.returncode == 2 and "--epochs must be >= 1" in r.stderr
+    r = cli("train", "--data", cli_run / "d", "--out", tmp_path / "o2", "--resume", check=False)
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+
+
+def test_config_file_unknown_key(cli_run, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    r = cli("train", "--data", cli_run / "d", "--out", tmp_path / "o", "--config", cfg, check=False)
+    assert r.returncode == 2 and "unknown config keys: learning_rate" in r.stderr
+
+
+def test_help_lists_commands():
+    out = cli("--help").stdout
+    for c in ("train", "evaluate", "predict", "synth", "demo", "explain", "report", "audit", "export", "serve"):
+        assert c in out
+
+
+def test_resume_equals_uninterrupted(synth_dir, tmp_path):
+    """Train 3 epochs in one go vs 1 epoch then --resume to 3: identical history losses and weights."""
+    import torch
+
+    from cxrlab.checkpoint import load_checkpoint
+    from cxrlab.config import TrainConfig
+    from cxrlab.train import fit
+
+    base = dict(data=str(synth_dir), model="custom_cnn", img_size=48, batch_size=16, report=False, cache=False,
+                workers=0, seed=5)
+    fit(TrainConfig(out=str(tmp_path / "full"), epochs=3, **base), progress=False)
+    fit(TrainConfig(out=str(tmp_path / "part"), epochs=1, **base), progress=False)
+    fit(TrainConfig(out=str(tmp_path / "part"), epochs=3, **base), resume=True, progress=False)
+    a = list(csv.DictReader(open(tmp_path / "full" / "history.csv")))
+    b = list(csv.DictReader(open(tmp_path / "part" / "history.csv")))
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-5, abs=1e-6), (ra["epoch"], k)
+    wa = load_checkpoint(tmp_path / "full" / "last.pt")["state_dict"]
+    wb = load_checkpoint(tmp_path / "part" / "last.pt")["state_dict"]
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
