@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrlab.errors import CxrlabError
+from cxrlab.inference import BundleBase
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,7 @@ def _first_conv(path: Path) -> list[str]:
     return convs[:1]
 
 
-class OnnxBundle:
+class OnnxBundle(BundleBase):
     """An ONNX model with the `ModelBundle` interface used by predict, evaluate and serve.
 
     Attributes:
@@ -398,10 +399,6 @@ class OnnxBundle:
         self.pre = Preprocess.from_dict(meta.get("preprocess") or {"img_size": meta["img_size"]})
         self.session = make_session(self.path, threads)
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.ckpt["class_names"])
-
     def logits_for_arrays(self, images, tta: bool = False, batch_size: int = 64) -> np.ndarray:
         """Logits for preprocessed uint8 images (N, S, S) (numpy or torch)."""
         x = images.numpy() if hasattr(images, "numpy") else np.asarray(images)
@@ -409,21 +406,6 @@ class OnnxBundle:
         if tta:
             logits = (logits + onnx_logits(self.session, x[..., ::-1], batch_size)) / 2
         return logits
-
-    def logits_for_files(self, paths: list, tta: bool = False, batch_size: int = 64, cache: bool | None = None,
-                         progress: bool = False) -> tuple[np.ndarray, list[int], dict[str, str]]:
-        """Decode files (bad ones reported, not raised) and compute logits; see `ModelBundle.logits_for_files`."""
-        from cxrlab.data.cache import load_arrays
-
-        arrays, ok, errors = load_arrays(paths, self.pre, cache_dir=None if cache else False,
-                                         workers=min(os.cpu_count() or 1, 4), progress=progress)
-        if not ok:
-            return np.zeros((0, len(self.class_names)), np.float32), ok, errors
-        return self.logits_for_arrays(arrays, tta=tta, batch_size=batch_size), ok, errors
-
-    def probs(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities (the exported temperature)."""
-        return _softmax(logits, float(self.ckpt.get("temperature") or 1.0))
 
 
 def load_onnx_bundle(path: str | Path, threads: int | None = None) -> OnnxBundle:

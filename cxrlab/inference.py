@@ -21,24 +21,21 @@ from cxrlab.errors import CxrlabError
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ModelBundle:
-    """A model ready for inference, with everything needed to preprocess its input."""
+class BundleBase:
+    """What every inference engine shares: file decoding with the model's preset, calibrated probabilities.
+
+    Subclasses provide `ckpt` (with class_names, temperature), `pre` and `logits_for_arrays`.
+    """
 
     ckpt: dict
-    model: torch.nn.Module
     pre: Preprocess
-    spec: InputSpec
-    device: torch.device
 
     @property
     def class_names(self) -> list[str]:
         return list(self.ckpt["class_names"])
 
-    def logits_for_arrays(self, images: np.ndarray | torch.Tensor, tta: bool = False, batch_size: int = 64) -> np.ndarray:
-        """Logits for preprocessed uint8 images (N, S, S)."""
-        t = torch.as_tensor(images)
-        return predict_logits(self.model, t, self.spec, self.device, batch_size=batch_size, tta=tta)
+    def logits_for_arrays(self, images, tta: bool = False, batch_size: int = 64) -> np.ndarray:
+        raise NotImplementedError
 
     def logits_for_files(self, paths: list, tta: bool = False, batch_size: int = 64, cache: bool | None = None,
                          progress: bool = False) -> tuple[np.ndarray, list[int], dict[str, str]]:
@@ -59,7 +56,23 @@ class ModelBundle:
         """Calibrated probabilities (the checkpoint's temperature)."""
         from cxrlab.metrics import apply_temperature
 
-        return apply_temperature(logits, float(self.ckpt.get("temperature", 1.0)))
+        return apply_temperature(logits, float(self.ckpt.get("temperature") or 1.0))
+
+
+@dataclass
+class ModelBundle(BundleBase):
+    """A PyTorch model ready for inference, with everything needed to preprocess its input."""
+
+    ckpt: dict
+    model: torch.nn.Module
+    pre: Preprocess
+    spec: InputSpec
+    device: torch.device
+
+    def logits_for_arrays(self, images: np.ndarray | torch.Tensor, tta: bool = False, batch_size: int = 64) -> np.ndarray:
+        """Logits for preprocessed uint8 images (N, S, S)."""
+        t = torch.as_tensor(images)
+        return predict_logits(self.model, t, self.spec, self.device, batch_size=batch_size, tta=tta)
 
 
 def bundle_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> ModelBundle:
