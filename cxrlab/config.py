@@ -80,6 +80,7 @@ class TrainConfig:
     calibrate: bool = True
     target_recall: dict = field(default_factory=dict)
     report: bool = True
+    precise_bn: int = 1024
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; returns self."""

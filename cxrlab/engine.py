@@ -354,3 +354,52 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device,
+                          n: int = 1024, batch_size: int = 64, seed: int = 0, amp: str = "off") -> int:
+    """"Precise BN": re-estimate BatchNorm running statistics with the current weights on clean images.
+
+    The running averages kept during training mix statistics of many past weights and of augmented
+    batches; measured here on a fine-tuned EfficientNet-Lite0, they underestimated the variances so badly
+    that validation accuracy fell from 0.97 (re-estimated) to 0.47. This resets them and takes the exact
+    average over `n` un-augmented images (a seeded subset), with only the BatchNorm layers in train mode.
+
+    Args:
+        model: the model (unwrapped).
+        images: uint8 images (N, S, S) to estimate from (training images).
+        spec: normalisation.
+        device: where to compute.
+        n: how many images (all when fewer).
+        batch_size: batch for the forward passes.
+        seed: seed of the subset.
+        amp: precision of the forward passes.
+
+    Returns:
+        The number of images used (0 when the model has no BatchNorm).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or n <= 0:
+        return 0
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average = exact mean over the batches
+        m.train()
+    try:
+        for i in range(0, len(idx), batch_size):
+            x = to_model_input(images[idx[i : i + batch_size]].to(device), spec.mean, spec.std, spec.in_chans)
+            if spec.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, amp):
+                model(x)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        for m, training in modes.items():
+            m.train(training)
+    return len(idx)

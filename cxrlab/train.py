@@ -25,6 +25,7 @@ from cxrlab.data.augment import AugmentConfig
 from cxrlab.data.dataset import DataIndex, build_index
 from cxrlab.data.preprocess import Preprocess
 from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepConfig, Timer, average_buffers,
+                           recalibrate_batchnorm,
                            epoch_metrics, predict_logits, train_one_epoch)
 from cxrlab.errors import CxrlabError
 from cxrlab.training_setup import (build_criterion, build_optimizer, build_scheduler, init_distributed,
@@ -234,6 +235,9 @@ class Run:
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
         tr = train_one_epoch(self.train_model, train, self.optimizer, self.criterion, self.spec, step, self.device,
                              self.dist, self.scaler, on_batch=self._warmup_hook(epoch, n_batches))
+        if cfg.precise_bn:
+            recalibrate_batchnorm(self.model, train.images, self.spec, self.device, n=cfg.precise_bn,
+                                  seed=cfg.seed + epoch, amp=cfg.amp)
         average_buffers(self.model, self.dist)
         val = self.splits["val"].arrays
         logits = predict_logits(self.model, val.images, self.spec, self.device, amp=cfg.amp, dist=self.dist)

@@ -43,6 +43,7 @@ HELP = {
     "grad_accum": "gradient accumulation steps (keeps the global batch when processes change)",
     "sync_bn": "SyncBatchNorm in distributed runs",
     "report": "draw plots and report.html at the end",
+    "precise_bn": "re-estimate BatchNorm statistics on this many clean training images after each epoch (0: off)",
 }
 SKIP = {"model_kwargs", "target_recall"}
 
