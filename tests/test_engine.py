@@ -1,0 +1,97 @@
+"""Engine pieces with known answers: precise BN, losses, mixing, early stopping, TTA, augmentation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cxrlab.data.augment import AugmentConfig, augment_batch
+from cxrlab.engine import (EarlyStopping, FocalLoss, InputSpec, epoch_order, mix_batch, predict_logits,
+                           recalibrate_batchnorm)
+
+SPEC = InputSpec([0.5], [0.25], 1)
+
+
+def test_precise_bn_gives_the_exact_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    images = torch.randint(0, 256, (40, 12, 12), dtype=torch.uint8)
+    bn = model[1]
+    bn.running_mean.fill_(100.0)
+    bn.running_var.fill_(1e-3)
+    model.train()
+    n = recalibrate_batchnorm(model, images, SPEC, torch.device("cpu"), n=1000, batch_size=16)
+    assert n == 40
+    x = (images.float() / 255 - 0.5) / 0.25
+    feats = model[0](x.unsqueeze(1))
+    # the exact average of the per-batch means and unbiased variances (batches of 16, 16, 8)
+    batches = [feats[i : i + 16] for i in range(0, 40, 16)]
+    mean = sum(b.mean(dim=(0, 2, 3)) for b in batches) / len(batches)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5)
+    var = sum(b.var(dim=(0, 2, 3), unbiased=True) for b in batches) / len(batches)
+    assert torch.allclose(bn.running_var, var, rtol=1e-4)
+    assert bn.momentum == 0.1 and model.training and model[3].training  # modes and momentum restored
+
+
+def test_precise_bn_without_batchnorm_is_a_no_op():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    assert recalibrate_batchnorm(model, torch.zeros(4, 4, 4, dtype=torch.uint8), SPEC, torch.device("cpu")) == 0
+
+
+def test_focal_loss_with_gamma_zero_is_cross_entropy():
+    logits, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    assert torch.allclose(FocalLoss(gamma=0.0)(logits, y), F.cross_entropy(logits, y), atol=1e-6)
+    assert FocalLoss(gamma=2.0)(logits, y) < F.cross_entropy(logits, y)  # easy examples are down-weighted
+
+
+def test_mixup_targets_are_convex_combinations():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0)):
+        xm, ym = mix_batch(x, y, 3, mixup, cutmix, g)
+        assert xm.shape == x.shape and torch.allclose(ym.sum(1), torch.ones(6))
+    xm, ym = mix_batch(x, y, 3, 0.0, 0.0, g)
+    assert torch.equal(xm, x) and torch.equal(ym.argmax(1), y)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    assert torch.equal(epoch_order(labels, 1, 3), epoch_order(labels, 1, 3))
+    assert not torch.equal(epoch_order(labels, 1, 3), epoch_order(labels, 1, 4))
+    balanced = epoch_order(labels, 0, 1, "balanced")
+    share = (labels[balanced] == 1).float().mean().item()
+    assert 0.35 < share < 0.65  # the minority class is drawn about half of the time
+
+
+def test_early_stopping_counts_and_modes():
+    es = EarlyStopping("val_loss", patience=2)
+    assert es.step(1.0, 1) and not es.step(1.2, 2) and not es.should_stop
+    assert not es.step(1.1, 3) and es.should_stop and es.best_epoch == 1
+    es2 = EarlyStopping("val_auc", patience=0)
+    assert es2.step(0.5, 1) and es2.step(0.6, 2) and not es2.step(math.nan, 3) and not es2.should_stop
+
+
+def test_tta_is_the_mean_of_image_and_flip():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).eval()
+    imgs = torch.randint(0, 256, (5, 16, 16), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    plain = predict_logits(model, imgs, SPEC, cpu)
+    flipped = predict_logits(model, torch.flip(imgs, dims=[2]), SPEC, cpu)
+    tta = predict_logits(model, imgs, SPEC, cpu, tta=True)
+    assert torch.allclose(torch.from_numpy(tta), torch.from_numpy((plain + flipped) / 2), atol=1e-5)
+
+
+def test_augment_identity_and_determinism():
+    imgs = torch.randint(0, 256, (4, 32, 32), dtype=torch.uint8)
+    off = AugmentConfig(flip=0, rotation=0, translate=0, crop_scale_min=1.0, brightness=0, contrast=0)
+    out = augment_batch(imgs, off, torch.Generator().manual_seed(0))
+    assert (out[:, 0] - imgs.float()).abs().max() < 1e-3
+    a = augment_batch(imgs, AugmentConfig(gamma=0.3, noise=0.02), torch.Generator().manual_seed(7))
+    b = augment_batch(imgs, AugmentConfig(gamma=0.3, noise=0.02), torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 255
