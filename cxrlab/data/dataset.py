@@ -129,7 +129,12 @@ def read_manifest(path: Path) -> list[Sample]:
 def _manifest_sample(row: dict, base: Path, path: Path, line: int) -> Sample:
     if not row.get("path") or not row.get("label"):
         raise CxrlabError(f"{path}:{line}: empty path or label")
-    full = (base / row["path"]).resolve()
+    try:
+        if "\x00" in row["path"]:
+            raise ValueError("embedded null byte")
+        full = (base / row["path"]).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CxrlabError(f"{path}:{line}: path {row['path']!r} is not a valid file path ({exc})") from exc
     if base not in full.parents:
         raise CxrlabError(f"{path}:{line}: path '{row['path']}' points outside the manifest's folder {base}; "
                           "use paths relative to the manifest, inside its folder")
