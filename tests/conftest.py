@@ -8,6 +8,14 @@ import pytest
 
 os.environ.setdefault("CXRLAB_NO_REEXEC", "1")  # the CLI's allocator re-exec is for real runs, not tests
 
+try:  # property tests explore the same examples on every run, so CI cannot turn red by chance
+    from hypothesis import settings
+
+    settings.register_profile("cxrlab", derandomize=True, deadline=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cxrlab"))
+except ImportError:  # hypothesis is a test extra
+    pass
+
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
