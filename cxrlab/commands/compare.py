@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cxrlab.commands.ensemble import _parse_recall
+    from cxrlab.commands.train import parse_target_recall
     from cxrlab.compare import compare_models
     from cxrlab.config import TrainConfig, load_yaml
 
@@ -39,7 +39,7 @@ def run(args) -> int:
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
     if args.target_recall:
-        base["target_recall"] = _parse_recall(args.target_recall)
+        base["target_recall"] = parse_target_recall(args.target_recall)
     TrainConfig.from_dict(dict(base))  # unknown config keys fail before any training
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows = compare_models(args.data, models, args.out, budget_min=args.budget_min, epochs=args.epochs,

@@ -18,27 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (for --calibrate-data)")
 
 
-def _parse_recall(items: list[str]) -> dict[str, float]:
-    from cxrlab.errors import CxrlabError
-
-    out = {}
-    for item in items:
-        cls, sep, val = item.partition("=")
-        try:
-            out[cls] = float(val)
-        except ValueError:
-            out[cls] = -1.0
-        if not sep or not 0 < out[cls] <= 1:
-            raise CxrlabError(f"--target-recall wants CLASS=RECALL with 0 < RECALL <= 1, got '{item}'")
-    return out
-
-
 def run(args) -> int:
     from cxrlab.checkpoint import save_checkpoint
     from cxrlab.ensemble import build_ensemble, calibrate_ensemble, parse_weights
     from cxrlab.errors import CxrlabError
 
-    recall = _parse_recall(args.target_recall)
+    from cxrlab.commands.train import parse_target_recall
+
+    recall = parse_target_recall(args.target_recall)
     if recall and not args.calibrate_data:
         raise CxrlabError("--target-recall needs --calibrate-data (the labelled data to choose the thresholds on)")
     ckpt = build_ensemble(args.checkpoints, parse_weights(args.weights, len(args.checkpoints)))

@@ -73,6 +73,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-models", action="store_true", help="list the registered models and exit")
 
 
+def parse_target_recall(items: list[str]) -> dict[str, float]:
+    """`["TUBERCULOSIS=0.95", ...]` -> {"TUBERCULOSIS": 0.95}; a clear error for anything else."""
+    from cxrlab.errors import CxrlabError
+
+    out = {}
+    for item in items:
+        cls, sep, val = item.partition("=")
+        try:
+            out[cls] = float(val)
+        except ValueError:
+            out[cls] = -1.0
+        if not sep or not cls or not 0 < out[cls] <= 1:
+            raise CxrlabError(f"--target-recall wants CLASS=RECALL with 0 < RECALL <= 1 (e.g. TUBERCULOSIS=0.95), got '{item}'")
+    return out
+
+
 def config_from_args(args) -> "TrainConfig":
     """Merge: defaults < --config file < command-line options."""
     from cxrlab.config import TrainConfig, load_yaml
@@ -83,15 +99,7 @@ def config_from_args(args) -> "TrainConfig":
         v = getattr(args, f.name, None)
         if f.name not in SKIP and v is not None:
             d[f.name] = v
-    recall = dict(d.get("target_recall") or {})
-    for item in args.target_recall:
-        cls, sep, val = item.partition("=")
-        try:
-            recall[cls] = float(val)
-        except ValueError:
-            raise CxrlabError(f"--target-recall wants CLASS=RECALL (e.g. TUBERCULOSIS=0.95), got '{item}'") from None
-        if not sep or not 0 < recall[cls] <= 1:
-            raise CxrlabError(f"--target-recall wants CLASS=RECALL with 0 < RECALL <= 1, got '{item}'")
+    recall = {**(d.get("target_recall") or {}), **parse_target_recall(args.target_recall)}
     d["target_recall"] = recall
     if not d.get("data"):
         raise CxrlabError("--data is required (a folder or a manifest CSV)")
