@@ -172,15 +172,11 @@ def onnx_logits(session, images: np.ndarray, batch_size: int = 64) -> np.ndarray
     return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
 
 
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    from cxrlab.metrics import apply_temperature
-
-    return apply_temperature(logits, temperature)
-
-
 def compare(ref_logits: np.ndarray, logits: np.ndarray, temperature: float = 1.0) -> dict:
     """Max |Δprob|, max |Δlogit|, mean |Δprob| and argmax agreement of two logit arrays."""
-    p, q = _softmax(ref_logits, temperature), _softmax(logits, temperature)
+    from cxrlab.metrics import apply_temperature
+
+    p, q = apply_temperature(ref_logits, temperature), apply_temperature(logits, temperature)
     finite = bool(np.isfinite(logits).all())
     dp = np.abs(p - q) if finite else np.full_like(p, np.inf)
     return {"n": int(len(p)), "max_abs_dprob": float(dp.max()) if dp.size else 0.0,

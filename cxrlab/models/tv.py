@@ -67,14 +67,14 @@ def _builder(tv_name: str, head: str):
     return build
 
 
-_TV = {
-    "resnet18": ("", "fc", lambda m: m.layer4[-1]),
-    "resnet50": ("", "fc", lambda m: m.layer4[-1]),
-    "densenet121": ("", "classifier", lambda m: m.features.norm5),
-    "efficientnet_b0": ("", "classifier.1", lambda m: m.features[-1]),
-    "mobilenet_v3_small": ("", "classifier.3", lambda m: m.features[-1]),
+_TV = {  # name: (classifier attribute to replace, Grad-CAM layer)
+    "resnet18": ("fc", lambda m: m.layer4[-1]),
+    "resnet50": ("fc", lambda m: m.layer4[-1]),
+    "densenet121": ("classifier", lambda m: m.features.norm5),
+    "efficientnet_b0": ("classifier.1", lambda m: m.features[-1]),
+    "mobilenet_v3_small": ("classifier.3", lambda m: m.features[-1]),
 }
 
-for _name, (_, _head, _cam) in _TV.items():
+for _name, (_head, _cam) in _TV.items():
     register(ModelSpec(_name, _builder(_name, _head), _cam, img_size=224, pretrained_tag="torchvision imagenet",
                        description=f"torchvision {_name}"))
