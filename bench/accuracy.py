@@ -35,9 +35,10 @@ RECIPES = {
                         amp="bf16"),
     # The two reference designs with their own defaults (design 1: Adam 1e-3, plateau, 224 px;
     # design 2: class weights, best by validation AUC).
-    "chestxray_cnn": dict(model="chestxray_cnn", img_size=224, epochs=50, batch_size=32, early_stop=10),
+    # Both in bf16 autocast on CPU (design 1 asks for mixed precision; about 2x faster on CPUs with bf16).
+    "chestxray_cnn": dict(model="chestxray_cnn", img_size=224, epochs=50, batch_size=32, early_stop=10, amp="bf16"),
     "custom_cnn": dict(model="custom_cnn", img_size=224, epochs=50, batch_size=32, class_weights=True,
-                       monitor="val_auc", early_stop=10),
+                       monitor="val_auc", early_stop=10, amp="bf16"),
 }
 
 
@@ -45,6 +46,28 @@ def _reexec_with_allocator() -> None:
     want = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
     if sys.platform.startswith("linux") and not all(k in os.environ for k in want):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **want})
+
+
+def _overrides(items: list[str]) -> dict:
+    """KEY=VALUE pairs typed like the TrainConfig field they set."""
+    import dataclasses
+
+    from cxrlab.config import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY a TrainConfig field")
+        default = fields[key].default
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            out[key] = type(default)(float(value)) if isinstance(default, int) else float(value)
+        else:
+            out[key] = value
+    return out
 
 
 def main() -> int:
@@ -56,6 +79,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--img-size", type=int, help="override the recipe's image size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe field (TrainConfig name), e.g. --set mixup=0.2; repeatable")
     args = p.parse_args()
     _reexec_with_allocator()
 
@@ -72,6 +97,7 @@ def main() -> int:
         recipe["epochs"] = args.epochs
     if args.img_size:
         recipe["img_size"] = args.img_size
+    recipe.update(_overrides(args.set))
     margin = 2.5 + 0.05 * args.budget_min  # decode, calibration, test evaluation and report
     cfg = TrainConfig(data=str(data), manifest=str(manifest) if manifest.is_file() else None, out=args.out,
                       seed=args.seed, group_regex=PATIENT_REGEX, val_fraction=0.15,

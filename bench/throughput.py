@@ -8,7 +8,8 @@
 (b) cxrlab: images decoded once into uint8 arrays (`cxrlab.data.cache.load_arrays`; the one-time
     decode is timed separately and the epochs are measured with the cache warm), then
     `cxrlab.engine.train_one_epoch` (one batched `grid_sample` augmentation per batch),
-    channels_last, glibc malloc thresholds raised as the CLI does, fp32 and bf16 autocast.
+    channels_last, glibc malloc thresholds raised as the CLI does, fp32 and bf16 autocast (with
+    depthwise convolutions kept in fp32, as `cxrlab train` does on CPU: `keep_depthwise_fp32`).
 
 Both train the same architecture from the same initial weights on the same files: Adam, cross
 entropy, batch 32 (forward + backward + optimiser step). Inference is an eval forward under
@@ -115,7 +116,7 @@ def cxrlab_child(a: argparse.Namespace, files: list[str]) -> dict:
     from cxrlab.data.augment import AugmentConfig
     from cxrlab.data.cache import load_arrays
     from cxrlab.data.preprocess import Preprocess
-    from cxrlab.engine import ArrayData, InputSpec, StepConfig, predict_logits, train_one_epoch
+    from cxrlab.engine import ArrayData, InputSpec, StepConfig, keep_depthwise_fp32, predict_logits, train_one_epoch
     from cxrlab.models import channel_stats, model_spec
 
     pre = Preprocess(img_size=a.img_size)
@@ -136,6 +137,7 @@ def cxrlab_child(a: argparse.Namespace, files: list[str]) -> dict:
         for prec in a.precisions.split(","):
             amp = "bf16" if prec == "bf16" else "off"
             model = _model(a.model, spec.in_chans, a.channels_last)
+            keep_depthwise_fp32(model)  # as cxrlab's training does on CPU (a no-op outside bf16 autocast)
             opt = torch.optim.Adam(model.parameters(), lr=LR)
             crit = torch.nn.CrossEntropyLoss()
             step = StepConfig(BATCH, 0, 0, 2, AugmentConfig(), amp=amp, progress=False)

@@ -81,6 +81,7 @@ class TrainConfig:
     target_recall: dict = field(default_factory=dict)
     report: bool = True
     precise_bn: int = 1024
+    ema: float = 0.0
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; returns self."""
@@ -97,6 +98,7 @@ class TrainConfig:
             (self.img_size is None or 16 <= self.img_size <= 2048, f"--img-size must be 16..2048, got {self.img_size}"),
             (0 <= self.crop_border < 0.45, f"--crop-border must be in [0, 0.45), got {self.crop_border}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (0 <= self.ema < 1, f"--ema must be a decay in [0, 1) such as 0.998 (0: off), got {self.ema}"),
         ]
         for ok, msg in checks:
             if not ok:

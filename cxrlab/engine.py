@@ -92,6 +92,62 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def keep_depthwise_fp32(model: nn.Module) -> int:
+    """Run depthwise convolutions in fp32 under CPU bf16 autocast; returns how many were hooked.
+
+    oneDNN's bf16 kernels make dense convolutions about 1.7x faster on CPUs with native bf16, but its
+    bf16 depthwise-convolution backward is slower than fp32, so EfficientNet / MobileNet models trained
+    *slower* in bf16 than in fp32 (measured: docs/PERFORMANCE.md). Forward hooks switch autocast off
+    around each depthwise layer (input cast to fp32) and back on after it; outside CPU bf16 autocast
+    they do nothing. Weights, state_dict keys and checkpoints are unchanged.
+    """
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
+            module.register_forward_pre_hook(_depthwise_enter)
+            module.register_forward_hook(_depthwise_exit)
+            hooked += 1
+    return hooked
+
+
+def _depthwise_enter(module: nn.Module, args: tuple):
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        torch.set_autocast_enabled("cpu", False)  # torch.autocast's __exit__ restores it even on error
+        module._cxrlab_autocast_off = True
+        return tuple(a.float() if torch.is_tensor(a) else a for a in args)
+    return None
+
+
+def _depthwise_exit(module: nn.Module, args: tuple, output):
+    if module.__dict__.pop("_cxrlab_autocast_off", False):
+        torch.set_autocast_enabled("cpu", True)
+    return None
+
+
+def weight_ema(model: nn.Module, decay: float):
+    """An exponential moving average of `model`'s weights (torch's `AveragedModel`), updated per step.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates (as timm's ModelEmaV2 and
+    TensorFlow's ExponentialMovingAverage do), so early epochs are not dominated by the initial
+    weights. BatchNorm buffers are averaged too; `recalibrate_batchnorm` then re-estimates them.
+    """
+    from torch.optim.swa_utils import AveragedModel
+
+    def lerp(averaged: list, current: list, n: torch.Tensor) -> None:
+        k = float(n)
+        d = min(decay, (1.0 + k) / (10.0 + k))
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():
+                a.copy_(c)
+
+    ema = AveragedModel(model, multi_avg_fn=lerp, use_buffers=True)
+    ema.requires_grad_(False)
+    return ema
+
+
 class FocalLoss(nn.Module):
     """Multi-class focal loss (Lin et al. 2017) with optional class weights."""
 
@@ -158,7 +214,7 @@ class StepConfig:
 
 def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                     spec: InputSpec, step: StepConfig, device: torch.device, dist: DistInfo = DistInfo(),
-                    scaler: torch.amp.GradScaler | None = None, on_batch=None) -> dict:
+                    scaler: torch.amp.GradScaler | None = None, on_batch=None, on_step=None) -> dict:
     """One pass over the (sharded) training data.
 
     Args:
@@ -171,6 +227,7 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
         dist: rank and world size.
         scaler: GradScaler for fp16 on CUDA.
         on_batch: optional callback(batch_index) (e.g. a warm-up LR schedule).
+        on_step: optional callback() after each optimiser step (e.g. a weight EMA update).
 
     Returns:
         {"loss": mean training loss, "acc": accuracy against the hard labels} over all ranks.
@@ -197,7 +254,10 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
         with autocast_context(device, step.amp):
             logits = model(xm)
         loss = criterion(logits.float(), ym)
-        _backward_step(loss / step.grad_accum, optimizer, scaler, model, sync=(i + 1) % step.grad_accum == 0 or i + 1 == len(batches))
+        sync = (i + 1) % step.grad_accum == 0 or i + 1 == len(batches)
+        _backward_step(loss / step.grad_accum, optimizer, scaler, model, sync=sync)
+        if sync and on_step:
+            on_step()
         totals += torch.tensor([loss.item() * len(idx), (logits.argmax(1) == y).sum().item(), len(idx)], dtype=torch.float64)
         bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}")
     totals = _all_reduce(totals, dist)

@@ -25,8 +25,7 @@ from cxrlab.data.augment import AugmentConfig
 from cxrlab.data.dataset import DataIndex, build_index
 from cxrlab.data.preprocess import Preprocess
 from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepConfig, Timer, average_buffers,
-                           recalibrate_batchnorm,
-                           epoch_metrics, predict_logits, train_one_epoch)
+                           epoch_metrics, predict_logits, recalibrate_batchnorm, train_one_epoch, weight_ema)
 from cxrlab.errors import CxrlabError
 from cxrlab.training_setup import (build_criterion, build_optimizer, build_scheduler, init_distributed,
                                    resolve_device, set_backbone_frozen, setup_model)
@@ -173,6 +172,7 @@ class Run:
         self.criterion = build_criterion(cfg, self.splits["train"].arrays.labels, len(names), self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and cfg.amp in ("auto", "fp16") else None
         self.stopper = EarlyStopping(cfg.monitor, cfg.early_stop)
+        self.ema = weight_ema(self.model, cfg.ema) if cfg.ema else None
         self.start_epoch = 1
         if self.resume:
             self._load_resume_state()
@@ -197,8 +197,16 @@ class Run:
                                   "resume with the original settings")
         if ckpt["class_names"] != self.index.class_names:
             raise CxrlabError(f"--resume: '{path}' was trained on classes {ckpt['class_names']}, the data has {self.index.class_names}")
-        self.model.load_state_dict(ckpt["state_dict"])
         st = ckpt["train_state"]
+        if bool(self.ema) != ("ema_n" in st):
+            raise CxrlabError(f"--resume: '{path}' was trained {'with' if 'ema_n' in st else 'without'} --ema; resume with "
+                              "the original settings")
+        if self.ema is not None:  # last.pt holds the averaged weights; the raw ones are in train_state
+            self.model.load_state_dict(st["model"])
+            self.ema.module.load_state_dict(ckpt["state_dict"])
+            self.ema.n_averaged.fill_(int(st["ema_n"]))
+        else:
+            self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(st["optimizer"])
         if self.scheduler is not None and st.get("scheduler"):
             self.scheduler.load_state_dict(st["scheduler"])
@@ -208,6 +216,11 @@ class Run:
         self.history = list(ckpt["history"])
         self.start_epoch = int(ckpt["epoch"]) + 1
         log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are validated, saved and shipped: the EMA when --ema is on."""
+        return self.ema.module if self.ema is not None else self.model
 
     def _lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
@@ -233,14 +246,15 @@ class Run:
                           cfg.mixup, cfg.cutmix, cfg.amp, cfg.grad_accum, self.progress)
         micro = max(1, cfg.batch_size // (self.dist.world * cfg.grad_accum))
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
+        on_step = (lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None
         tr = train_one_epoch(self.train_model, train, self.optimizer, self.criterion, self.spec, step, self.device,
-                             self.dist, self.scaler, on_batch=self._warmup_hook(epoch, n_batches))
+                             self.dist, self.scaler, on_batch=self._warmup_hook(epoch, n_batches), on_step=on_step)
         if cfg.precise_bn:
-            recalibrate_batchnorm(self.model, train.images, self.spec, self.device, n=cfg.precise_bn,
+            recalibrate_batchnorm(self.eval_model, train.images, self.spec, self.device, n=cfg.precise_bn,
                                   seed=cfg.seed + epoch, amp=cfg.amp)
-        average_buffers(self.model, self.dist)
+        average_buffers(self.eval_model, self.dist)
         val = self.splits["val"].arrays
-        logits = predict_logits(self.model, val.images, self.spec, self.device, amp=cfg.amp, dist=self.dist)
+        logits = predict_logits(self.eval_model, val.images, self.spec, self.device, amp=cfg.amp, dist=self.dist)
         vm = epoch_metrics(logits, val.labels.numpy())
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": vm["loss"],
                "val_acc": vm["acc"], "val_auc": vm["auc"], "lr": self._lr(), "seconds": t()}
@@ -257,7 +271,7 @@ class Run:
 
     def save(self, epoch: int, row: dict, is_best: bool) -> None:
         metric = (self.cfg.monitor, row[self.cfg.monitor] if row[self.cfg.monitor] != "" else float("nan"))
-        base = make_checkpoint(self.model, self.cfg, self.index.class_names, self.pre, self.spec, epoch, metric,
+        base = make_checkpoint(self.eval_model, self.cfg, self.index.class_names, self.pre, self.spec, epoch, metric,
                                self.history, self.model_kwargs)
         from cxrlab.checkpoint import save_checkpoint
 
@@ -266,6 +280,9 @@ class Run:
         state = {"optimizer": self.optimizer.state_dict(), "stopper": self.stopper.state_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        if self.ema is not None:
+            state.update(model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                         ema_n=int(self.ema.n_averaged))
         save_checkpoint({**base, "train_state": state}, self.out / "last.pt")
 
     def loop(self) -> None:
@@ -314,7 +331,7 @@ class Run:
                 self.cams = TrainingCams(self.out / "cam", val.arrays.images[pick], val.arrays.labels[pick],
                                          [val.samples[i].path.stem for i in pick], self.index.class_names, self.spec,
                                          cfg.model, cfg.cam_method, self.device)
-            self.cams.on_epoch_end(epoch, self.model)
+            self.cams.on_epoch_end(epoch, self.eval_model)
 
 
 def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from cxrlab.config import TrainConfig
 from cxrlab.data.preprocess import Preprocess
-from cxrlab.engine import DistInfo, FocalLoss, InputSpec, soft_cross_entropy
+from cxrlab.engine import DistInfo, FocalLoss, InputSpec, keep_depthwise_fp32, soft_cross_entropy
 from cxrlab.errors import CxrlabError
 from cxrlab.models import channel_stats, create_model, model_spec
 
@@ -67,6 +67,8 @@ def setup_model(cfg: TrainConfig, num_classes: int, pre: Preprocess, device: tor
                          weights=cfg.weights, **kwargs)
     channels_last = cfg.channels_last and device.type != "mps"
     model = model.to(device)
+    if device.type == "cpu":
+        keep_depthwise_fp32(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ispec = InputSpec(channel_stats(spec.mean, in_chans), channel_stats(spec.std, in_chans), in_chans, channels_last)

@@ -105,8 +105,10 @@ def test_help_lists_commands():
         assert c in out
 
 
-def test_resume_equals_uninterrupted(synth_dir, tmp_path):
-    """Train 3 epochs in one go vs 1 epoch then --resume to 3: identical history losses and weights."""
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_equals_uninterrupted(synth_dir, tmp_path, ema):
+    """Train 3 epochs in one go vs 1 epoch then --resume to 3: identical history losses and weights
+    (with --ema: the averaged weights, the raw ones and the update count all carry over)."""
     import torch
 
     from cxrlab.checkpoint import load_checkpoint
@@ -114,7 +116,7 @@ def test_resume_equals_uninterrupted(synth_dir, tmp_path):
     from cxrlab.train import fit
 
     base = dict(data=str(synth_dir), model="custom_cnn", img_size=48, batch_size=16, report=False, cache=False,
-                workers=0, seed=5)
+                workers=0, seed=5, ema=ema)
     fit(TrainConfig(out=str(tmp_path / "full"), epochs=3, **base), progress=False)
     fit(TrainConfig(out=str(tmp_path / "part"), epochs=1, **base), progress=False)
     fit(TrainConfig(out=str(tmp_path / "part"), epochs=3, **base), resume=True, progress=False)
@@ -124,7 +126,12 @@ def test_resume_equals_uninterrupted(synth_dir, tmp_path):
     for ra, rb in zip(a, b):
         for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-5, abs=1e-6), (ra["epoch"], k)
-    wa = load_checkpoint(tmp_path / "full" / "last.pt")["state_dict"]
-    wb = load_checkpoint(tmp_path / "part" / "last.pt")["state_dict"]
-    for k in wa:
-        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
+    ca, cb = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
+    pairs = [(ca["state_dict"], cb["state_dict"])]
+    if ema:
+        assert ca["train_state"]["ema_n"] == cb["train_state"]["ema_n"] > 0
+        pairs.append((ca["train_state"]["model"], cb["train_state"]["model"]))
+        assert any(not torch.equal(ca["state_dict"][k], ca["train_state"]["model"][k]) for k in ca["state_dict"])
+    for wa, wb in pairs:
+        for k in wa:
+            assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k

@@ -96,3 +96,51 @@ def test_augment_identity_and_determinism():
     a = augment_batch(imgs, AugmentConfig(gamma=0.3, noise=0.02), torch.Generator().manual_seed(7))
     b = augment_batch(imgs, AugmentConfig(gamma=0.3, noise=0.02), torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 255
+
+
+def test_depthwise_convolutions_stay_fp32_under_cpu_bf16_autocast():
+    import copy
+
+    from cxrlab.engine import keep_depthwise_fp32
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 8, 1))  # depthwise, pointwise
+    keys = list(net.state_dict())
+    assert keep_depthwise_fp32(net) == 1
+    assert list(net.state_dict()) == keys  # checkpoints unchanged
+    x = torch.randn(2, 4, 8, 8)
+    seen = {}
+    net[0].register_forward_hook(lambda m, a, out: seen.__setitem__("dw", (a[0].dtype, out.dtype, torch.is_autocast_enabled("cpu"))), prepend=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        assert torch.is_autocast_enabled("cpu")  # switched back on after the depthwise layer
+    assert seen["dw"] == (torch.float32, torch.float32, False)
+    assert out.dtype == torch.bfloat16  # the pointwise convolution still ran in bf16
+    fp32 = F.conv2d(x, net[0].weight, net[0].bias, padding=1, groups=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(net[0](x), fp32)  # the exact fp32 result, not a bf16 rounding of it
+    assert torch.equal(net(x), nn.Sequential(*copy.deepcopy(list(net)))(x))  # outside autocast: untouched, copyable
+    out.float().sum().backward()
+    assert net[0].weight.grad is not None and net[0].weight.grad.dtype == torch.float32
+
+
+def test_weight_ema_follows_the_warmed_up_decay():
+    from cxrlab.engine import weight_ema
+
+    net = nn.Linear(1, 1, bias=False)
+    ema = weight_ema(net, decay=0.2)  # the ramp (2/11) below 0.2 at first, then capped
+    values, expected = [1.0, 3.0, 11.0, 7.0], None
+    for n, v in enumerate(values):
+        net.weight.data.fill_(v)
+        ema.update_parameters(net)
+        if expected is None:
+            expected = v  # the first update copies
+        else:
+            d = min(0.2, (1 + n) / (10 + n))  # n earlier updates
+            expected = d * expected + (1 - d) * v
+        assert ema.module.weight.item() == pytest.approx(expected), n
+    assert not any(p.requires_grad for p in ema.parameters())
+    with pytest.raises(Exception, match="--ema must be a decay"):
+        from cxrlab.config import TrainConfig
+
+        TrainConfig(data="x", ema=1.0).validate()

@@ -43,6 +43,8 @@ HELP = {
     "grad_accum": "gradient accumulation steps (keeps the global batch when processes change)",
     "sync_bn": "SyncBatchNorm in distributed runs",
     "report": "draw plots and report.html at the end",
+    "ema": "keep an exponential moving average of the weights with this per-step decay (e.g. 0.998; 0: off); "
+           "validation, checkpoints and the final model use the averaged weights",
     "precise_bn": "re-estimate BatchNorm statistics on this many clean training images after each epoch (0: off)",
 }
 SKIP = {"model_kwargs", "target_recall"}
