@@ -307,9 +307,27 @@ class Run:
                 log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)", cfg.monitor,
                          cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
                 break
+            if epoch == self.start_epoch:
+                self._fit_cosine_to_budget(epoch, t())
             if cfg.time_budget_min and self._rank0_says(t() + t() / (epoch - self.start_epoch + 1) > cfg.time_budget_min * 60):
                 log.info("time budget of %.1f min reached after epoch %d", cfg.time_budget_min, epoch)
                 break
+
+    def _fit_cosine_to_budget(self, epoch: int, elapsed_s: float) -> None:
+        """With --time-budget-min, shorten a cosine schedule to the epochs that fit, so the learning
+        rate reaches its minimum when the budget ends instead of being cut off half-way."""
+        cfg = self.cfg
+        if not cfg.time_budget_min or not isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            return
+        fit = epoch + int(max(0.0, cfg.time_budget_min * 60 - elapsed_s) // max(elapsed_s, 1e-9))
+        if self.dist.world > 1:  # rank 0's clock decides for everyone
+            t = torch.tensor([float(fit)], device=self.device)
+            torch.distributed.broadcast(t, src=0)
+            fit = int(t.item())
+        if fit < cfg.epochs:
+            self.scheduler.T_max = max(1, fit - cfg.warmup_epochs)
+            log.info("time budget: about %d of %d epochs fit in %.1f min; cosine schedule shortened to end at epoch %d",
+                     fit, cfg.epochs, cfg.time_budget_min, fit)
 
     def _rank0_says(self, flag: bool) -> bool:
         """Rank 0's decision on every rank (clocks differ between processes; all must stop together)."""

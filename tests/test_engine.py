@@ -144,3 +144,26 @@ def test_weight_ema_follows_the_warmed_up_decay():
         from cxrlab.config import TrainConfig
 
         TrainConfig(data="x", ema=1.0).validate()
+
+
+def test_cosine_schedule_is_fitted_to_the_time_budget():
+    from cxrlab.config import TrainConfig
+    from cxrlab.engine import DistInfo
+    from cxrlab.train import Run
+    from cxrlab.training_setup import build_scheduler
+
+    def run_after_first_epoch(seconds: float) -> Run:
+        run = Run.__new__(Run)
+        run.cfg = TrainConfig(data="x", epochs=10, warmup_epochs=1, scheduler="cosine", time_budget_min=1.0, lr=0.1)
+        run.dist = DistInfo()
+        run.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        run.scheduler = build_scheduler(run.optimizer, run.cfg)
+        run._fit_cosine_to_budget(1, seconds)
+        return run
+
+    slow = run_after_first_epoch(12.0)  # 48 s left -> 4 more epochs fit: the schedule ends at epoch 5
+    assert slow.scheduler.T_max == 4
+    for _ in range(4):
+        slow.scheduler.step()
+    assert slow.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    assert run_after_first_epoch(5.0).scheduler.T_max == 9  # 12 epochs would fit: the configured 10 stand
