@@ -214,7 +214,7 @@ class StepConfig:
 
 def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                     spec: InputSpec, step: StepConfig, device: torch.device, dist: DistInfo = DistInfo(),
-                    scaler: torch.amp.GradScaler | None = None, on_batch=None, on_step=None) -> dict:
+                    scaler: torch.amp.GradScaler | None = None, on_batch=None, on_step=None, stop=None) -> dict:
     """One pass over the (sharded) training data.
 
     Args:
@@ -228,9 +228,12 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
         scaler: GradScaler for fp16 on CUDA.
         on_batch: optional callback(batch_index) (e.g. a warm-up LR schedule).
         on_step: optional callback() after each optimiser step (e.g. a weight EMA update).
+        stop: optional callback(batches_done) -> True to end the epoch early (a time budget); in a
+            distributed run the ranks stop together when any of them says so.
 
     Returns:
-        {"loss": mean training loss, "acc": accuracy against the hard labels} over all ranks.
+        {"loss": mean training loss, "acc": accuracy against the hard labels} over all ranks, and
+        "batches": how many batches ran (fewer than the epoch's when `stop` ended it).
     """
     from tqdm.auto import tqdm
 
@@ -260,8 +263,12 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
             on_step()
         totals += torch.tensor([loss.item() * len(idx), (logits.argmax(1) == y).sum().item(), len(idx)], dtype=torch.float64)
         bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}")
+        done = i + 1
+        if sync and stop is not None and done < len(batches) and _all_reduce(torch.tensor([float(stop(done))]), dist).item() > 0:
+            break
+    bar.close()
     totals = _all_reduce(totals, dist)
-    return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2])}
+    return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2]), "batches": done if batches else 0}
 
 
 def _backward_step(loss, optimizer, scaler, model, sync: bool) -> None:

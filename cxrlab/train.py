@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,7 +249,12 @@ class Run:
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
         on_step = (lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None
         tr = train_one_epoch(self.train_model, train, self.optimizer, self.criterion, self.spec, step, self.device,
-                             self.dist, self.scaler, on_batch=self._warmup_hook(epoch, n_batches), on_step=on_step)
+                             self.dist, self.scaler, on_batch=self._warmup_hook(epoch, n_batches), on_step=on_step,
+                             stop=self._budget_stop(micro))
+        self.cut_short = tr["batches"] < n_batches
+        if self.cut_short:
+            log.info("time budget: epoch %d ended after %d of %d batches to leave time for validation", epoch,
+                     tr["batches"], n_batches)
         if cfg.precise_bn:
             recalibrate_batchnorm(self.eval_model, train.images, self.spec, self.device, n=cfg.precise_bn,
                                   seed=cfg.seed + epoch, amp=cfg.amp)
@@ -291,6 +297,7 @@ class Run:
                                      cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise)
         if self.dist.main:
             _write_history(self.out / "history.csv", self.history)
+        self.loop_start = t.t0
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             row = self.run_epoch(epoch)
             value = row[cfg.monitor] if row[cfg.monitor] != "" else float("nan")
@@ -309,9 +316,27 @@ class Run:
                 break
             if epoch == self.start_epoch:
                 self._fit_cosine_to_budget(epoch, t())
-            if cfg.time_budget_min and self._rank0_says(t() + t() / (epoch - self.start_epoch + 1) > cfg.time_budget_min * 60):
+            if cfg.time_budget_min and (self.cut_short or self._rank0_says(
+                    t() + t() / (epoch - self.start_epoch + 1) > cfg.time_budget_min * 60)):
                 log.info("time budget of %.1f min reached after epoch %d", cfg.time_budget_min, epoch)
                 break
+
+    def _budget_stop(self, micro: int):
+        """With --time-budget-min, a callback that ends an epoch early when finishing it would overrun the
+        budget: it stops once now + the expected validation time (forward passes over the validation and
+        precise-BN images, about a third of a training step per image) passes the deadline."""
+        cfg = self.cfg
+        if not cfg.time_budget_min:
+            return None
+        deadline = self.loop_start + cfg.time_budget_min * 60
+        n_eval = len(self.splits["val"].arrays) + (cfg.precise_bn or 0)
+        start = time.perf_counter()
+
+        def stop(done: int) -> bool:
+            now = time.perf_counter()
+            per_image = (now - start) / (done * micro)
+            return now + per_image * n_eval / 3 > deadline
+        return stop
 
     def _fit_cosine_to_budget(self, epoch: int, elapsed_s: float) -> None:
         """With --time-budget-min, shorten a cosine schedule to the epochs that fit, so the learning

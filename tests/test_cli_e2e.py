@@ -135,3 +135,20 @@ def test_resume_equals_uninterrupted(synth_dir, tmp_path, ema):
     for wa, wb in pairs:
         for k in wa:
             assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
+
+
+def test_time_budget_cuts_an_epoch_that_would_overrun(synth_dir, tmp_path):
+    """A budget shorter than one epoch ends that epoch early, then validates, saves and evaluates."""
+    from cxrlab.checkpoint import load_checkpoint
+    from cxrlab.config import TrainConfig
+    from cxrlab.train import fit
+
+    out = tmp_path / "budget"
+    res = fit(TrainConfig(data=str(synth_dir), out=str(out), model="custom_cnn", img_size=48, batch_size=8, epochs=5,
+                          report=False, cache=False, workers=0, time_budget_min=1e-6), progress=False)
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert len(rows) == 1 and res["best_epoch"] == 1
+    log = (out / "train.log").read_text()
+    assert "epoch 1 ended after 1 of" in log and "time budget" in log
+    assert load_checkpoint(out / "best.pt")["epoch"] == 1
+    assert (out / "metrics.json").is_file()
