@@ -53,6 +53,7 @@ def _overrides(items: list[str]) -> dict:
     """KEY=VALUE pairs typed like the TrainConfig field they set."""
     import dataclasses
 
+    from cxrlab.commands.train import field_type
     from cxrlab.config import TrainConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -61,13 +62,13 @@ def _overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY a TrainConfig field")
-        default = fields[key].default
-        if isinstance(default, bool):
+        if isinstance(fields[key].default, bool):
             out[key] = value.lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            out[key] = type(default)(float(value)) if isinstance(default, int) else float(value)
-        else:
-            out[key] = value
+            continue
+        try:
+            out[key] = field_type(fields[key])(value)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {value!r} is not a valid value for {key}") from None
     return out
 
 

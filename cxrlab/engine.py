@@ -245,6 +245,7 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
     totals = torch.zeros(3, dtype=torch.float64)
     bar = tqdm(batches, desc=f"epoch {step.epoch}", disable=None if (step.progress and dist.main) else True, leave=False, unit="batch")
     optimizer.zero_grad(set_to_none=True)
+    done = 0
     for i, idx in enumerate(bar):
         if on_batch:
             on_batch(i)
@@ -268,7 +269,7 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
             break
     bar.close()
     totals = _all_reduce(totals, dist)
-    return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2]), "batches": done if batches else 0}
+    return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2]), "batches": done}
 
 
 def _backward_step(loss, optimizer, scaler, model, sync: bool) -> None:

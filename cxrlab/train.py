@@ -344,11 +344,7 @@ class Run:
         cfg = self.cfg
         if not cfg.time_budget_min or not isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
             return
-        fit = epoch + int(max(0.0, cfg.time_budget_min * 60 - elapsed_s) // max(elapsed_s, 1e-9))
-        if self.dist.world > 1:  # rank 0's clock decides for everyone
-            t = torch.tensor([float(fit)], device=self.device)
-            torch.distributed.broadcast(t, src=0)
-            fit = int(t.item())
+        fit = int(self._rank0_value(epoch + max(0.0, cfg.time_budget_min * 60 - elapsed_s) // max(elapsed_s, 1e-9)))
         if fit < cfg.epochs:
             self.scheduler.T_max = max(1, fit - cfg.warmup_epochs)
             log.info("time budget: about %d of %d epochs fit in %.1f min; cosine schedule shortened to end at epoch %d",
@@ -356,11 +352,15 @@ class Run:
 
     def _rank0_says(self, flag: bool) -> bool:
         """Rank 0's decision on every rank (clocks differ between processes; all must stop together)."""
+        return bool(self._rank0_value(float(flag)))
+
+    def _rank0_value(self, value: float) -> float:
+        """Rank 0's value of a clock-derived number on every rank."""
         if self.dist.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
+            return value
+        t = torch.tensor([float(value)], device=self.device)
         torch.distributed.broadcast(t, src=0)
-        return bool(t.item())
+        return float(t.item())
 
     def _on_epoch_end(self, epoch: int) -> None:
         cfg = self.cfg

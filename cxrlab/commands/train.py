@@ -50,7 +50,8 @@ HELP = {
 SKIP = {"model_kwargs", "target_recall"}
 
 
-def _type_of(field: dataclasses.Field):
+def field_type(field: dataclasses.Field):
+    """int, float or str: how a command-line string becomes this TrainConfig field's value."""
     t = str(field.type)
     return int if "int" in t else float if "float" in t else str
 
@@ -66,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP.get(f.name, '')} (default {default})")
         else:
-            p.add_argument(flag, type=_type_of(f), default=None, help=f"{HELP.get(f.name, '')} (default {default})")
+            p.add_argument(flag, type=field_type(f), default=None, help=f"{HELP.get(f.name, '')} (default {default})")
     p.add_argument("--target-recall", action="append", default=[], metavar="CLASS=RECALL",
                    help="choose the decision threshold of CLASS on validation to reach RECALL (repeatable)")
     p.add_argument("--config", help="YAML file of TrainConfig keys (command-line options override it)")
