@@ -25,14 +25,14 @@ PATIENT_REGEX = r"^(?:[a-z0-9_]+__)?(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 
 RECIPES = {
     # Pretrained EfficientNet-Lite0 fine-tuned with what tends to generalise across sites: histogram
-    # equalisation, strong photometric augmentation, class weights, label smoothing, a gentler
+    # equalisation, strong photometric augmentation, random blur (sites and resizing differ in sharpness), class weights, label smoothing, a gentler
     # learning rate for the pretrained backbone, bf16 autocast on CPU (depthwise layers stay fp32), an EMA of
     # the weights, and a cosine schedule that the time budget shortens to the epochs that fit.
     "recommended": dict(model="efficientnet_lite0", pretrained=True, img_size=224, equalize=True, epochs=30, ema=0.998,
                         batch_size=32, optimizer="adamw", lr=1e-3, weight_decay=1e-2, backbone_lr_mult=0.3,
                         warmup_epochs=1, scheduler="cosine", label_smoothing=0.1, class_weights=True,
                         aug_rotation=10.0, aug_translate=0.06, aug_crop_scale_min=0.75, aug_brightness=0.3,
-                        aug_contrast=0.3, aug_gamma=0.3, aug_noise=0.02, early_stop=0, monitor="val_loss",
+                        aug_contrast=0.3, aug_gamma=0.3, aug_noise=0.02, aug_blur=1.5, early_stop=0, monitor="val_loss",
                         amp="bf16"),
     # The two reference designs with their own defaults (design 1: Adam 1e-3, plateau, 224 px;
     # design 2: class weights, best by validation AUC).

@@ -64,6 +64,7 @@ class TrainConfig:
     aug_contrast: float = 0.2
     aug_gamma: float = 0.0
     aug_noise: float = 0.0
+    aug_blur: float = 0.0
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -98,6 +99,7 @@ class TrainConfig:
             (self.img_size is None or 16 <= self.img_size <= 2048, f"--img-size must be 16..2048, got {self.img_size}"),
             (0 <= self.crop_border < 0.45, f"--crop-border must be in [0, 0.45), got {self.crop_border}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (0 <= self.aug_blur <= 10, f"--aug-blur is a Gaussian sigma in pixels, 0..10, got {self.aug_blur}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1) such as 0.998 (0: off), got {self.ema}"),
         ]
         for ok, msg in checks:

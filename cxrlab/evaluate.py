@@ -98,7 +98,7 @@ def write_predictions_csv(path: Path, paths: list, probs: np.ndarray, class_name
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path, split: str = "test",
                         manifest: str | None = None, group_by: str | None = None, tta: bool = False,
-                        device: str = "auto", n_boot: int = 1000, report: bool = True) -> dict:
+                        adapt_bn: bool = False, device: str = "auto", n_boot: int = 1000, report: bool = True) -> dict:
     """`cxrlab evaluate`: score a checkpoint on a split (or a flat folder of class folders).
 
     Args:
@@ -109,6 +109,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pat
         manifest: manifest CSV (for sources/groups).
         group_by: report metrics per `source`, `group` or `split`.
         tta: flip test-time augmentation.
+        adapt_bn: re-estimate BatchNorm statistics on the evaluated images first (see cxrlab.adapt).
         device: auto, cpu, cuda.
         n_boot: bootstrap resamples.
         report: draw plots and report.html.
@@ -128,13 +129,24 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pat
             raise CxrlabError(f"'{data}' has no '{split}' split (it has: {', '.join(index.splits)}); pass --split")
     _check_classes(bundle.ckpt["class_names"], index.class_names, checkpoint)
     samples = index.splits[split]
-    logits, ok, errors = bundle.logits_for_files([s.path for s in samples], tta=tta)
+    paths = [s.path for s in samples]
+    adapted = 0
+    if adapt_bn:
+        from cxrlab.adapt import adapt_batchnorm
+
+        arrays, ok, errors = bundle.arrays_for_files(paths)
+        adapted = adapt_batchnorm(bundle, arrays, where=f"the {split} split of {data}")
+        logits = bundle.logits_for_arrays(arrays, tta=tta)
+    else:
+        logits, ok, errors = bundle.logits_for_files(paths, tta=tta)
     kept = [samples[i] for i in ok]
     names = list(bundle.ckpt["class_names"])
     y = np.array([names.index(_match(s.label, names)) for s in kept])
     groups = _groups(kept, group_by)
     metrics, probs, y_pred = evaluation_metrics(bundle.ckpt, logits, y, groups, n_boot=n_boot)
     metrics.update({"split": split, "checkpoint": str(checkpoint), "tta": tta, "data": str(data)})
+    if adapt_bn:
+        metrics["adapt_bn"] = {"images": adapted, "from": f"the evaluated {split} images (unlabelled)"}
     out = Path(out)
     write_evaluation(out, metrics, y, probs, y_pred, [s.path for s in kept], names, errors)
     if report:

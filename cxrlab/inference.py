@@ -37,6 +37,14 @@ class BundleBase:
     def logits_for_arrays(self, images, tta: bool = False, batch_size: int = 64) -> np.ndarray:
         raise NotImplementedError
 
+    def arrays_for_files(self, paths: list, cache: bool | None = None,
+                         progress: bool = False) -> tuple[np.ndarray, list[int], dict[str, str]]:
+        """Decode files with the model's preset: (uint8 arrays (n_ok, S, S), their indices, {path: reason})."""
+        from cxrlab.data.cache import load_arrays
+
+        return load_arrays(paths, self.pre, cache_dir=None if cache else False,
+                           workers=min(os.cpu_count() or 1, 4), progress=progress)
+
     def logits_for_files(self, paths: list, tta: bool = False, batch_size: int = 64, cache: bool | None = None,
                          progress: bool = False) -> tuple[np.ndarray, list[int], dict[str, str]]:
         """Decode files (bad ones reported, not raised) and compute logits.
@@ -44,10 +52,7 @@ class BundleBase:
         Returns:
             (logits of the readable files, their indices into `paths`, {path: reason} for the others).
         """
-        from cxrlab.data.cache import load_arrays
-
-        arrays, ok, errors = load_arrays(paths, self.pre, cache_dir=None if cache else False,
-                                         workers=min(os.cpu_count() or 1, 4), progress=progress)
+        arrays, ok, errors = self.arrays_for_files(paths, cache=cache, progress=progress)
         if not ok:
             return np.zeros((0, len(self.class_names)), np.float32), ok, errors
         return self.logits_for_arrays(arrays, tta=tta, batch_size=batch_size), ok, errors

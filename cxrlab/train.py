@@ -294,7 +294,8 @@ class Run:
     def loop(self) -> None:
         cfg, t = self.cfg, Timer()
         self.augment = AugmentConfig(cfg.aug_flip, cfg.aug_rotation, cfg.aug_translate, cfg.aug_crop_scale_min,
-                                     cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise)
+                                     cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise,
+                                     cfg.aug_blur)
         if self.dist.main:
             _write_history(self.out / "history.csv", self.history)
         self.loop_start = t.t0

@@ -98,6 +98,29 @@ def test_augment_identity_and_determinism():
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 255
 
 
+def test_blur_is_a_normalised_gaussian_with_each_images_own_sigma():
+    from cxrlab.data.augment import gaussian_blur_batch
+
+    x = torch.zeros(3, 1, 41, 41)
+    x[:, 0, 20, 20] = 1.0  # impulses: the output is the kernel itself
+    out = gaussian_blur_batch(x, torch.tensor([0.0, 1.0, 2.5]))
+    assert torch.allclose(out[0], x[0])  # sigma 0 leaves the image untouched
+    yy, xx = torch.meshgrid(torch.arange(41.0) - 20, torch.arange(41.0) - 20, indexing="ij")
+    for i, sigma in ((1, 1.0), (2, 2.5)):
+        k = out[i, 0]
+        assert k.sum().item() == pytest.approx(1.0, abs=1e-5)  # brightness kept
+        assert (k * xx**2).sum().item() == pytest.approx(sigma**2, rel=0.03)  # variance sigma^2 per axis
+        assert (k * yy**2).sum().item() == pytest.approx(sigma**2, rel=0.03)
+        assert torch.allclose(k, k.T, atol=1e-7) and torch.allclose(k, k.flip(0), atol=1e-7)
+    one = gaussian_blur_batch(x[2:], torch.tensor([2.5]))  # batching does not mix images
+    assert torch.allclose(one, out[2:], atol=1e-6)
+    flat = gaussian_blur_batch(torch.full((2, 1, 16, 16), 77.0), torch.tensor([3.0, 0.5]))
+    assert torch.allclose(flat, torch.full_like(flat, 77.0))  # edges replicated: no dark rim
+    a = augment_batch(torch.randint(0, 256, (4, 24, 24), dtype=torch.uint8), AugmentConfig(blur=2.0),
+                      torch.Generator().manual_seed(3))
+    assert a.shape == (4, 1, 24, 24) and a.min() >= 0 and a.max() <= 255
+
+
 def test_depthwise_convolutions_stay_fp32_under_cpu_bf16_autocast():
     import copy
 

@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="CSV manifest (e.g. with a source column)")
     p.add_argument("--group-by", choices=["source", "group", "split", "folder"], help="also report metrics per group")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--adapt-bn", action="store_true",
+                   help="first re-estimate BatchNorm statistics on the evaluated images themselves (unlabelled; "
+                        "transductive, see `cxrlab adapt`)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--no-report", action="store_true", help="skip plots and report.html")
@@ -22,7 +25,7 @@ def run(args) -> int:
     from cxrlab.evaluate import evaluate_checkpoint
 
     m = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split, manifest=args.manifest,
-                            group_by=args.group_by, tta=args.tta, device=args.device, n_boot=args.bootstrap,
+                            group_by=args.group_by, tta=args.tta, adapt_bn=args.adapt_bn, device=args.device, n_boot=args.bootstrap,
                             report=not args.no_report)
     ci = m.get("ci95", {}).get("accuracy")
     ci_txt = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""

@@ -42,6 +42,8 @@ HELP = {
     "warmup_epochs": "linear learning-rate warm-up epochs",
     "grad_accum": "gradient accumulation steps (keeps the global batch when processes change)",
     "sync_bn": "SyncBatchNorm in distributed runs",
+    "aug_blur": "largest Gaussian blur sigma in pixels (each image draws one from [0, v]): takes away "
+                "sharpness shortcuts such as classes resized from different original sizes (0: off)",
     "report": "draw plots and report.html at the end",
     "ema": "keep an exponential moving average of the weights with this per-step decay (e.g. 0.998; 0: off); "
            "validation, checkpoints and the final model use the averaged weights",

@@ -27,6 +27,10 @@ class AugmentConfig:
         brightness, contrast: jitter factors, drawn from [1 - v, 1 + v].
         gamma: gamma drawn log-uniformly from [1/(1+v), 1+v].
         noise: standard deviation of added Gaussian noise (0..1 scale).
+        blur: largest Gaussian blur sigma in pixels; each image gets a sigma drawn from [0, blur].
+            Sites differ in detector resolution and in how their images were resized; in the
+            Kermany set the normals were scaled down from larger originals than the pneumonias and
+            are sharper, a shortcut this takes away.
     """
 
     flip: float = 0.5
@@ -37,6 +41,7 @@ class AugmentConfig:
     contrast: float = 0.2
     gamma: float = 0.0
     noise: float = 0.0
+    blur: float = 0.0
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -63,6 +68,20 @@ def random_affine_matrices(n: int, cfg: AugmentConfig, g: torch.Generator) -> to
     return theta
 
 
+def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image of x (B, 1, H, W) with its own Gaussian sigma (B,), in pixels; sigma 0 is identity."""
+    n = x.shape[0]
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    s = sigma.to(x.device, x.dtype).clamp(min=1e-3).view(n, 1)
+    k = torch.exp(-0.5 * (t.view(1, -1) / s) ** 2)
+    k = k / k.sum(dim=1, keepdim=True)  # (B, 2r+1); a tiny sigma gives a delta kernel
+    y = F.pad(x.transpose(0, 1), (radius, radius, radius, radius), mode="replicate")  # (1, B, H+2r, W+2r)
+    y = F.conv2d(y, k.view(n, 1, 1, -1), groups=n)
+    y = F.conv2d(y, k.view(n, 1, -1, 1), groups=n)
+    return y.transpose(0, 1)
+
+
 def augment_batch(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """Augment a batch of grayscale images.
 
@@ -81,6 +100,8 @@ def augment_batch(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -
     theta = random_affine_matrices(n, cfg, g).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.blur > 0:
+        x = gaussian_blur_batch(x, _uniform(n, 0.0, cfg.blur, g))
     b = _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, g).to(x.device).view(n, 1, 1, 1)
     c = _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, g).to(x.device).view(n, 1, 1, 1)
     x = x * b
