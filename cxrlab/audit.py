@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NEAR_THRESHOLD = 6  # bits of 64; resized + JPEG copies measure 0-2, unrelated images ~32
 BORDER_FRACTION = 0.05  # width of the border band, as a fraction of each side
-_STATS = ("mean", "std", "border_dark", "border_bright", "width", "height")
+_STATS = ("mean", "std", "border_dark", "border_bright", "sharpness", "width", "height")
+SHARPNESS_SIZE = 224  # sharpness is measured at the scale a model sees
 _MAX_PAIRS_PER_CLUSTER = 100
 
 
@@ -141,14 +142,27 @@ def inspect_file(sample) -> FileRecord:
     return rec
 
 
+def sharpness(gray: np.ndarray, size: int = SHARPNESS_SIZE) -> float:
+    """Mean absolute difference between neighbouring pixels once the image is scaled to size x size.
+
+    At the model's input scale an image scaled down from a large original is sharper than one scaled
+    up (or down less) from a small original: when classes come from different originals (in the
+    Kermany set the normals are larger files than the pneumonias), sharpness alone tells them apart.
+    """
+    from PIL import Image
+
+    a = np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    return float(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
+
+
 def intensity_stats(gray: np.ndarray) -> dict:
-    """Mean, std, border dark/bright fractions (pixels < 16 / > 239 in the outer 5%), size."""
+    """Mean, std, border dark/bright fractions (pixels < 16 / > 239 in the outer 5%), sharpness, size."""
     h, w = gray.shape
     a = gray[:: max(1, h // 512), :: max(1, w // 512)]
     bh, bw = max(1, round(a.shape[0] * BORDER_FRACTION)), max(1, round(a.shape[1] * BORDER_FRACTION))
     border = np.concatenate([a[:bh].ravel(), a[-bh:].ravel(), a[:, :bw].ravel(), a[:, -bw:].ravel()])
     return {"mean": float(a.mean()), "std": float(a.std()), "border_dark": float(np.mean(border < 16)),
-            "border_bright": float(np.mean(border > 239)), "width": w, "height": h}
+            "border_bright": float(np.mean(border > 239)), "sharpness": sharpness(gray), "width": w, "height": h}
 
 
 # ----------------------------------------------------------------------------- the audit
@@ -357,7 +371,9 @@ def _shortcut_hints(records, min_effect: float = 1.0) -> list[str]:
         effect = (means[hi] - means[lo]) / spread
         if effect > min_effect:
             hints.append(f"{k} differs between classes: {hi} {means[hi]:.3g} vs {lo} {means[lo]:.3g} "
-                         f"({effect:.1f} std); a model could tell the classes apart by this alone")
+                         f"({effect:.1f} std); a model could tell the classes apart by this alone"
+                         + (f" (images resized from different original sizes?): train with --aug-blur 1.5"
+                            if k == "sharpness" else ""))
     return hints
 
 

@@ -111,6 +111,25 @@ def test_shortcut_hint_for_brightness_by_class(tmp_path):
     assert any(h.startswith("mean differs between classes") for h in hints)
 
 
+def test_shortcut_hint_for_sharpness_by_class(tmp_path):
+    """Same content and exposure; one class scaled down from large originals, the other up from small ones."""
+    for k in range(6):
+        grain = np.random.default_rng(k).normal(0, 20, (512, 512))  # fine texture only a large original keeps
+        big = Image.fromarray(np.clip(np.asarray(smooth_noise(30 + k, size=512), np.float32) * 0.6 + 50 + grain, 0, 255)
+                              .astype(np.uint8))
+        for label, src in (("A", 512), ("B", 40)):
+            (tmp_path / "train" / label).mkdir(parents=True, exist_ok=True)
+            big.resize((src, src), Image.Resampling.BOX).resize((224, 224), Image.Resampling.BICUBIC) \
+                .save(tmp_path / "train" / label / f"{k}.png")
+    report = audit(tiny_scan(tmp_path), workers=1)
+    by_label = report["intensity"]["label"]
+    assert by_label["A"]["sharpness"] > 1.5 * by_label["B"]["sharpness"]
+    assert abs(by_label["A"]["mean"] - by_label["B"]["mean"]) < 3
+    hints = report["shortcut_hints"]
+    assert any(h.startswith("sharpness differs between classes: A") and "--aug-blur" in h for h in hints), hints
+    assert not any(h.startswith("mean differs") for h in hints)
+
+
 def test_near_pairs_matches_brute_force():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 40, dtype=np.uint64)
