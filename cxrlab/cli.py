@@ -21,6 +21,7 @@ COMMANDS = {
     "report": "redraw the plots and report.html of a run or evaluation folder",
     "audit": "audit a data set: duplicates, leakage, unreadable files, shortcuts",
     "export": "export a checkpoint to ONNX and check parity",
+    "calibrate": "re-fit a checkpoint's temperature and operating points on a labelled split",
     "adapt": "re-estimate BatchNorm statistics on a new site's unlabelled images",
     "serve": "web service and page for a checkpoint",
     "history": "list recent predictions from the service log",
@@ -29,7 +30,7 @@ COMMANDS = {
 }
 
 _ALLOC_VARS = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
-_HEAVY = {"train", "adapt", "evaluate", "predict", "explain", "export", "serve", "demo", "compare"}
+_HEAVY = {"train", "calibrate", "adapt", "evaluate", "predict", "explain", "export", "serve", "demo", "compare"}
 
 
 def _maybe_reexec_with_allocator(argv: list[str]) -> None:

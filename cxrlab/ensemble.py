@@ -210,32 +210,8 @@ def bundle_from_ensemble(ckpt: dict, device: str | torch.device = "cpu") -> Ense
 
 def calibrate_ensemble(ckpt: dict, data: str | Path, split: str = "val", manifest: str | None = None,
                        target_recall: dict[str, float] | None = None, device: str = "auto") -> dict:
-    """Fit the ensemble's own temperature and operating-point thresholds on a labelled split.
+    """Fit the ensemble's own temperature and operating-point thresholds on a labelled split
+    (`cxrlab.finalize.calibrate_on_split`)."""
+    from cxrlab.finalize import calibrate_on_split
 
-    Args:
-        ckpt: the ensemble checkpoint (changed in place and returned).
-        data: data folder or manifest with the split.
-        split: the split to fit on (validation; never the test split you report).
-        manifest: optional manifest CSV.
-        target_recall: {CLASS: recall} to reach on that split.
-        device: auto, cpu, cuda.
-
-    Returns:
-        The checkpoint with `temperature`, `calibration_fitted_on` and optional `thresholds`.
-    """
-    from cxrlab.data.dataset import build_index
-    from cxrlab.finalize import calibrate_checkpoint
-
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    index = build_index(data, manifest, require=(), val_fraction=0)
-    if split not in index.splits:
-        raise CxrlabError(f"'{data}' has no '{split}' split to calibrate on (it has: {', '.join(index.splits)})")
-    names = list(ckpt["class_names"])
-    lookup = {n.lower(): i for i, n in enumerate(names)}
-    samples = [s for s in index.splits[split] if s.label.lower() in lookup]
-    bundle = bundle_from_ensemble(ckpt, dev)
-    logits, ok, _ = bundle.logits_for_files([s.path for s in samples])
-    y = np.array([lookup[samples[i].label.lower()] for i in ok])
-    ckpt = calibrate_checkpoint(ckpt, logits, y, target_recall or {}, calibrate=True)
-    ckpt["calibration_fitted_on"] = f"{split} split of {data} ({len(y)} images)"
-    return ckpt
+    return calibrate_on_split(ckpt, data, split, manifest, target_recall, device)

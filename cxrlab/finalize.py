@@ -51,6 +51,53 @@ def calibrate_checkpoint(ckpt: dict, val_logits: np.ndarray, val_y: np.ndarray, 
     return ckpt
 
 
+def calibrate_on_split(ckpt: dict, data, split: str = "val", manifest: str | None = None,
+                       target_recall: dict[str, float] | None = None, device: str = "auto") -> dict:
+    """Fit a checkpoint's (or ensemble's) temperature and operating-point thresholds on a labelled split.
+
+    Args:
+        ckpt: the checkpoint dict (changed in place and returned).
+        data: data folder or manifest with the split.
+        split: the split to fit on (validation; never the test split you report).
+        manifest: optional manifest CSV.
+        target_recall: {CLASS: recall} to reach on that split.
+        device: auto, cpu, cuda.
+
+    Returns:
+        The checkpoint with `temperature`, `calibration_fitted_on` and optional `thresholds`.
+    """
+    import torch
+
+    from cxrlab.data.dataset import build_index
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    index = build_index(data, manifest, require=(), val_fraction=0)
+    if split not in index.splits:
+        raise CxrlabError(f"'{data}' has no '{split}' split to calibrate on (it has: {', '.join(index.splits)}); "
+                          f"pass --split, or a manifest whose split column marks the validation images")
+    names = list(ckpt["class_names"])
+    lookup = {n.lower(): i for i, n in enumerate(names)}
+    samples = [s for s in index.splits[split] if s.label.lower() in lookup]
+    if ckpt.get("ensemble"):
+        from cxrlab.ensemble import bundle_from_ensemble
+
+        bundle = bundle_from_ensemble(ckpt, dev)
+    else:
+        from cxrlab.inference import bundle_from_checkpoint
+
+        bundle = bundle_from_checkpoint(ckpt, dev)
+    logits, ok, _ = bundle.logits_for_files([s.path for s in samples])
+    if not ok:
+        raise CxrlabError(f"the {split} split of '{data}' has no readable images of the classes {', '.join(names)}")
+    y = np.array([lookup[samples[i].label.lower()] for i in ok])
+    for stale in ("thresholds", "operating_points_val"):  # they were chosen under the old temperature
+        if ckpt.pop(stale, None) is not None and stale == "thresholds":
+            log.info("previous operating-point thresholds dropped (they belonged to the old temperature)")
+    ckpt = calibrate_checkpoint(ckpt, logits, y, target_recall or {}, calibrate=True)
+    ckpt["calibration_fitted_on"] = f"{split} split of {data} ({len(y)} images)"
+    return ckpt
+
+
 def finalize_run(run) -> dict:
     """Calibrate, evaluate on test and report for a finished `cxrlab.train.Run`; returns test metrics."""
     from cxrlab.checkpoint import load_checkpoint, save_checkpoint
