@@ -272,6 +272,9 @@ class Run:
             return
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(row[self.cfg.monitor])
+        elif isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and \
+                self.scheduler.last_epoch >= self.scheduler.T_max:
+            return  # a budget-shortened schedule has ended: stay at the minimum (stepping on would climb again)
         else:
             self.scheduler.step()
 
