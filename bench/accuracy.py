@@ -3,6 +3,7 @@
     python bench/accuracy.py --data ../shared/data/pneumonia --budget-min 30 --out runs/acc_pneumonia
     python bench/accuracy.py --data ../shared/data/cxr3 --budget-min 30 --out runs/acc_cxr3
     python bench/accuracy.py --data ../shared/data/pneumonia --recipe chestxray_cnn --budget-min 30 --out runs/ref1
+    python bench/accuracy.py --data ../shared/data/pneumonia --budget-min 30 --seeds 0,1,2 --out runs/acc_seeds
 
 Selects on validation only (carved from train and grouped by patient when there is no val split),
 evaluates `best.pt` once on the test split, and writes RUN_DIR/best.pt and RUN_DIR/metrics.json
@@ -80,41 +81,61 @@ def main() -> int:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="recommended")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--img-size", type=int, help="override the recipe's image size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation carve, initialisation and augmentation")
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], metavar="S1,S2,...",
+                   help="run each seed with its own full budget into OUT/seedS and write OUT/seeds_summary.json "
+                        "(mean, min, max); one seed alone cannot tell a 0.01 AUC change from noise")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe field (TrainConfig name), e.g. --set mixup=0.2; repeatable")
     args = p.parse_args()
     _reexec_with_allocator()
 
     from cxrlab.cli import setup_logging
-    from cxrlab.config import TrainConfig
-    from cxrlab.train import fit
 
     setup_logging()
-    t0 = time.perf_counter()
     data = Path(args.data)
-    manifest = data / "manifest.csv"
     recipe = dict(RECIPES[args.recipe])
     if args.epochs:
         recipe["epochs"] = args.epochs
     if args.img_size:
         recipe["img_size"] = args.img_size
     recipe.update(_overrides(args.set))
+    if not args.seeds:
+        print(json.dumps(run_one(args, data, recipe, args.seed, Path(args.out)), indent=2))
+        return 0
+    # One full budget per seed: single-seed differences of ~0.01 AUC are noise on these test sets.
+    runs = [run_one(args, data, recipe, seed, Path(args.out) / f"seed{seed}") for seed in args.seeds]
+    keys = ("accuracy", "auc_macro", "macro_f1")
+    spread = {k: {"mean": sum(r[k] for r in runs) / len(runs), "min": min(r[k] for r in runs),
+                  "max": max(r[k] for r in runs)} for k in keys}
+    out = {"recipe": args.recipe, "data": str(data), "seeds": args.seeds, "runs": runs, "spread": spread}
+    (Path(args.out) / "seeds_summary.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(spread, indent=2))
+    return 0
+
+
+def run_one(args, data: Path, recipe: dict, seed: int, out: Path) -> dict:
+    """Train, select on validation and test one seed within the budget; writes out/bench_summary.json."""
+    from cxrlab.config import TrainConfig
+    from cxrlab.train import fit
+
+    t0 = time.perf_counter()
+    manifest = data / "manifest.csv"
     margin = 2.5 + 0.05 * args.budget_min  # decode, calibration, test evaluation and report
-    cfg = TrainConfig(data=str(data), manifest=str(manifest) if manifest.is_file() else None, out=args.out,
-                      seed=args.seed, group_regex=PATIENT_REGEX, val_fraction=0.15,
+    cfg = TrainConfig(data=str(data), manifest=str(manifest) if manifest.is_file() else None, out=str(out),
+                      seed=seed, group_regex=PATIENT_REGEX, val_fraction=0.15,
                       time_budget_min=max(1.0, args.budget_min - margin), **recipe)
     result = fit(cfg, progress=False)
     wall = time.perf_counter() - t0
-    metrics = json.loads((Path(args.out) / "metrics.json").read_text())
-    summary = {"recipe": args.recipe, "data": str(data), "wall_s": round(wall, 1), "best_epoch": result["best_epoch"],
+    metrics = json.loads((out / "metrics.json").read_text())
+    summary = {"recipe": args.recipe, "data": str(data), "seed": seed, "wall_s": round(wall, 1),
+               "best_epoch": result["best_epoch"],
                "accuracy": metrics["accuracy"], "auc_macro": metrics["auc_macro"], "macro_f1": metrics["macro_f1"],
                "recall": {c: v["recall"] for c, v in metrics["per_class"].items()},
                "specificity": {c: v.get("specificity") for c, v in metrics["per_class"].items()},
                "groups": {g: {"n": m["n"], "accuracy": m["accuracy"]} for g, m in metrics.get("groups", {}).items()}}
-    (Path(args.out) / "bench_summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    return 0
+    (out / "bench_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 if __name__ == "__main__":
