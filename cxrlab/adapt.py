@@ -44,7 +44,7 @@ def adapt_batchnorm(bundle, arrays: np.ndarray, n: int = 1024, batch_size: int =
     """
     from cxrlab.engine import recalibrate_batchnorm
 
-    if not hasattr(bundle, "model"):
+    if not hasattr(bundle, "model") or bundle.ckpt.get("ensemble"):
         raise CxrlabError("BatchNorm adaptation needs a PyTorch checkpoint (best.pt); adapt each ensemble member "
                           "or the checkpoint before exporting it to ONNX")
     if len(arrays) < MIN_IMAGES:

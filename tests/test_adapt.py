@@ -90,6 +90,14 @@ def test_adapt_refuses_what_it_cannot_do(tiny_run, synth_dir, tmp_path):
         adapt_checkpoint(tiny_run / "best.pt", [str(synth_dir / "test")], tmp_path / "x.pt", device="cpu")
     with pytest.raises(CxrlabError, match="is the checkpoint being adapted"):
         adapt_checkpoint(tiny_run / "best.pt", [str(synth_dir / "train")], tiny_run / "best.pt", device="cpu")
+    from cxrlab.checkpoint import save_checkpoint
+    from cxrlab.ensemble import build_ensemble
+    from cxrlab.evaluate import evaluate_checkpoint
+
+    save_checkpoint(build_ensemble([tiny_run / "best.pt", tiny_run / "best.pt"]), tmp_path / "ens.pt")
+    with pytest.raises(CxrlabError, match="adapt each ensemble member"):  # never only the first member
+        evaluate_checkpoint(tmp_path / "ens.pt", synth_dir, tmp_path / "ev", split="train", adapt_bn=True,
+                            device="cpu", n_boot=10, report=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CxrlabError, match="no image files found"):
         adapt_checkpoint(tiny_run / "best.pt", [str(tmp_path / "empty")], tmp_path / "x.pt", device="cpu")
