@@ -26,9 +26,10 @@ PATIENT_REGEX = r"^(?:[a-z0-9_]+__)?(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 
 RECIPES = {
     # Pretrained EfficientNet-Lite0 fine-tuned with what tends to generalise across sites: histogram
-    # equalisation, strong photometric augmentation, random blur (sites and resizing differ in sharpness), class weights, label smoothing, a gentler
-    # learning rate for the pretrained backbone, bf16 autocast on CPU (depthwise layers stay fp32), an EMA of
-    # the weights, and a cosine schedule that the time budget shortens to the epochs that fit.
+    # equalisation, strong photometric augmentation, random blur (sites and resizing differ in sharpness),
+    # class weights, label smoothing, a gentler learning rate for the pretrained backbone, bf16 autocast on
+    # CPU (depthwise layers stay fp32), an EMA of the weights, and a cosine schedule that the time budget
+    # shortens to the epochs that fit.
     "recommended": dict(model="efficientnet_lite0", pretrained=True, img_size=224, equalize=True, epochs=30, ema=0.998,
                         batch_size=32, optimizer="adamw", lr=1e-3, weight_decay=1e-2, backbone_lr_mult=0.3,
                         warmup_epochs=1, scheduler="cosine", label_smoothing=0.1, class_weights=True,

@@ -76,7 +76,7 @@ def adapt_checkpoint(checkpoint: str | Path, inputs: list[str], out: str | Path,
         The `adapted` record stored in the new checkpoint.
     """
     from cxrlab.checkpoint import load_checkpoint, save_checkpoint
-    from cxrlab.inference import bundle_from_checkpoint, expand_inputs
+    from cxrlab.inference import bundle_from_checkpoint, expand_inputs, inference_device
 
     src, dst = Path(checkpoint), Path(out)
     if dst.exists() and dst.resolve() == src.resolve():
@@ -84,8 +84,7 @@ def adapt_checkpoint(checkpoint: str | Path, inputs: list[str], out: str | Path,
     ckpt = load_checkpoint(src)
     if ckpt.get("ensemble"):
         raise CxrlabError(f"'{src}' is an ensemble: adapt each member checkpoint, then build the ensemble again")
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    bundle = bundle_from_checkpoint(ckpt, dev)
+    bundle = bundle_from_checkpoint(ckpt, inference_device(device))
     files = expand_inputs(inputs)
     arrays, ok, errors = bundle.arrays_for_files(files)
     for path, reason in errors.items():

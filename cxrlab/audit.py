@@ -372,7 +372,7 @@ def _shortcut_hints(records, min_effect: float = 1.0) -> list[str]:
         if effect > min_effect:
             hints.append(f"{k} differs between classes: {hi} {means[hi]:.3g} vs {lo} {means[lo]:.3g} "
                          f"({effect:.1f} std); a model could tell the classes apart by this alone"
-                         + (f" (images resized from different original sizes?): train with --aug-blur 1.5"
+                         + (" (images resized from different original sizes?): train with --aug-blur 1.5"
                             if k == "sharpness" else ""))
     return hints
 

@@ -66,11 +66,9 @@ def calibrate_on_split(ckpt: dict, data, split: str = "val", manifest: str | Non
     Returns:
         The checkpoint with `temperature`, `calibration_fitted_on` and optional `thresholds`.
     """
-    import torch
-
     from cxrlab.data.dataset import build_index
+    from cxrlab.inference import bundle_for
 
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     index = build_index(data, manifest, require=(), val_fraction=0)
     if split not in index.splits:
         raise CxrlabError(f"'{data}' has no '{split}' split to calibrate on (it has: {', '.join(index.splits)}); "
@@ -78,21 +76,13 @@ def calibrate_on_split(ckpt: dict, data, split: str = "val", manifest: str | Non
     names = list(ckpt["class_names"])
     lookup = {n.lower(): i for i, n in enumerate(names)}
     samples = [s for s in index.splits[split] if s.label.lower() in lookup]
-    if ckpt.get("ensemble"):
-        from cxrlab.ensemble import bundle_from_ensemble
-
-        bundle = bundle_from_ensemble(ckpt, dev)
-    else:
-        from cxrlab.inference import bundle_from_checkpoint
-
-        bundle = bundle_from_checkpoint(ckpt, dev)
-    logits, ok, _ = bundle.logits_for_files([s.path for s in samples])
+    logits, ok, _ = bundle_for(ckpt, device).logits_for_files([s.path for s in samples])
     if not ok:
         raise CxrlabError(f"the {split} split of '{data}' has no readable images of the classes {', '.join(names)}")
     y = np.array([lookup[samples[i].label.lower()] for i in ok])
-    for stale in ("thresholds", "operating_points_val"):  # they were chosen under the old temperature
-        if ckpt.pop(stale, None) is not None and stale == "thresholds":
-            log.info("previous operating-point thresholds dropped (they belonged to the old temperature)")
+    ckpt.pop("operating_points_val", None)  # chosen under the old temperature, like the thresholds
+    if ckpt.pop("thresholds", None) is not None:
+        log.info("previous operating-point thresholds dropped (they belonged to the old temperature)")
     ckpt = calibrate_checkpoint(ckpt, logits, y, target_recall or {}, calibrate=True)
     ckpt["calibration_fitted_on"] = f"{split} split of {data} ({len(y)} images)"
     return ckpt

@@ -91,22 +91,33 @@ def bundle_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> Mo
     return ModelBundle(ckpt, model, Preprocess.from_dict(ckpt.get("preprocess", {"img_size": ckpt["img_size"]})), spec, dev)
 
 
-def load_model_bundle(path: str | Path, device: str = "auto") -> ModelBundle:
-    """Load a checkpoint for inference (device `auto`: CUDA when available, else CPU)."""
-    from cxrlab.checkpoint import load_checkpoint
+def inference_device(device: str) -> str:
+    """`auto` -> CUDA when available, else CPU; any other name as given."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        from cxrlab.export import load_onnx_bundle
 
-        return load_onnx_bundle(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
+def bundle_for(ckpt: dict, device: str = "auto") -> ModelBundle:
+    """The inference bundle of a loaded checkpoint or ensemble checkpoint."""
+    dev = inference_device(device)
     if ckpt.get("ensemble"):
         from cxrlab.ensemble import bundle_from_ensemble
 
         return bundle_from_ensemble(ckpt, dev)
     return bundle_from_checkpoint(ckpt, dev)
+
+
+def load_model_bundle(path: str | Path, device: str = "auto") -> ModelBundle:
+    """Load a checkpoint for inference (device `auto`: CUDA when available, else CPU)."""
+    from cxrlab.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from cxrlab.export import load_onnx_bundle
+
+        return load_onnx_bundle(path)
+    return bundle_for(load_checkpoint(path, map_location="cpu"), device)
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
