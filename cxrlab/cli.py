@@ -23,6 +23,7 @@ COMMANDS = {
     "export": "export a checkpoint to ONNX and check parity",
     "calibrate": "re-fit a checkpoint's temperature and operating points on a labelled split",
     "adapt": "re-estimate BatchNorm statistics on a new site's unlabelled images",
+    "stress": "stress-test a model under framing, exposure, blur and noise changes",
     "serve": "web service and page for a checkpoint",
     "history": "list recent predictions from the service log",
     "ensemble": "build a probability-averaging ensemble checkpoint",
@@ -30,7 +31,7 @@ COMMANDS = {
 }
 
 _ALLOC_VARS = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
-_HEAVY = {"train", "calibrate", "adapt", "evaluate", "predict", "explain", "export", "serve", "demo", "compare"}
+_HEAVY = {"train", "calibrate", "adapt", "stress", "evaluate", "predict", "explain", "export", "serve", "demo", "compare"}
 
 
 def _maybe_reexec_with_allocator(argv: list[str]) -> None:

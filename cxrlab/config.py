@@ -65,6 +65,7 @@ class TrainConfig:
     aug_gamma: float = 0.0
     aug_noise: float = 0.0
     aug_blur: float = 0.0
+    aug_crop_scale_max: float = 1.0
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -99,6 +100,9 @@ class TrainConfig:
             (self.img_size is None or 16 <= self.img_size <= 2048, f"--img-size must be 16..2048, got {self.img_size}"),
             (0 <= self.crop_border < 0.45, f"--crop-border must be in [0, 0.45), got {self.crop_border}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
+            (0 < self.aug_crop_scale_min <= 1, f"--aug-crop-scale-min is an area fraction in (0, 1], got {self.aug_crop_scale_min}"),
+            (1 <= self.aug_crop_scale_max <= 4,
+             f"--aug-crop-scale-max is an area factor in [1, 4] (above 1 also zooms out), got {self.aug_crop_scale_max}"),
             (0 <= self.aug_blur <= 10, f"--aug-blur is a Gaussian sigma in pixels, 0..10, got {self.aug_blur}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1) such as 0.998 (0: off), got {self.ema}"),
         ]

@@ -117,18 +117,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pat
     Returns:
         The metrics dict.
     """
-    from cxrlab.data.dataset import build_index
     from cxrlab.inference import load_model_bundle
 
     bundle = load_model_bundle(checkpoint, device=device)
-    index = build_index(data, manifest, require=(), val_fraction=0)
-    if split not in index.splits:
-        if split == "test" and "all" in index.splits:
-            split = "all"
-        else:
-            raise CxrlabError(f"'{data}' has no '{split}' split (it has: {', '.join(index.splits)}); pass --split")
-    _check_classes(bundle.ckpt["class_names"], index.class_names, checkpoint)
-    samples = index.splits[split]
+    samples, split = split_samples(data, split, manifest, bundle.ckpt["class_names"], checkpoint)
     paths = [s.path for s in samples]
     adapted = 0
     if adapt_bn:
@@ -141,7 +133,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pat
         logits, ok, errors = bundle.logits_for_files(paths, tta=tta)
     kept = [samples[i] for i in ok]
     names = list(bundle.ckpt["class_names"])
-    y = np.array([names.index(_match(s.label, names)) for s in kept])
+    y = label_indices(kept, names)
     groups = _groups(kept, group_by)
     metrics, probs, y_pred = evaluation_metrics(bundle.ckpt, logits, y, groups, n_boot=n_boot)
     metrics.update({"split": split, "checkpoint": str(checkpoint), "tta": tta, "data": str(data)})
@@ -152,6 +144,29 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pat
     if report:
         draw_report(out)
     return metrics
+
+
+def split_samples(data: str | Path, split: str, manifest: str | None, class_names: list[str],
+                  checkpoint) -> tuple[list, str]:
+    """The labelled samples of one split (a flat folder of class folders is `all`; `test` falls back to it).
+
+    Raises CxrlabError when the split is missing or the data has classes the checkpoint does not know.
+    """
+    from cxrlab.data.dataset import build_index
+
+    index = build_index(data, manifest, require=(), val_fraction=0)
+    if split not in index.splits:
+        if split == "test" and "all" in index.splits:
+            split = "all"
+        else:
+            raise CxrlabError(f"'{data}' has no '{split}' split (it has: {', '.join(index.splits)}); pass --split")
+    _check_classes(class_names, index.class_names, checkpoint)
+    return index.splits[split], split
+
+
+def label_indices(samples: list, class_names: list[str]) -> np.ndarray:
+    """Class indices of samples, matched to the checkpoint's class names without regard to case."""
+    return np.array([class_names.index(_match(s.label, class_names)) for s in samples], dtype=np.int64)
 
 
 def _match(label: str, names: list[str]) -> str:

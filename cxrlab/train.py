@@ -298,7 +298,7 @@ class Run:
         cfg, t = self.cfg, Timer()
         self.augment = AugmentConfig(cfg.aug_flip, cfg.aug_rotation, cfg.aug_translate, cfg.aug_crop_scale_min,
                                      cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise,
-                                     cfg.aug_blur)
+                                     cfg.aug_blur, cfg.aug_crop_scale_max)
         if self.dist.main:
             _write_history(self.out / "history.csv", self.history)
         self.loop_start = t.t0

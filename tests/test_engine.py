@@ -121,6 +121,25 @@ def test_blur_is_a_normalised_gaussian_with_each_images_own_sigma():
     assert a.shape == (4, 1, 24, 24) and a.min() >= 0 and a.max() <= 255
 
 
+def test_zoom_out_shrinks_the_whole_image_onto_a_black_frame():
+    from cxrlab.data.augment import random_affine_matrices
+
+    white = torch.full((64, 1, 96, 96), 255, dtype=torch.uint8)
+    base = dict(flip=0.0, rotation=0.0, translate=0.0, brightness=0.0, contrast=0.0)
+    g = torch.Generator().manual_seed(0)
+    zoom_in = augment_batch(white, AugmentConfig(**base, crop_scale_min=0.5), g)
+    assert (zoom_in[..., 1:-1, 1:-1] > 254.99).all()  # a crop never leaves the image (edge pixels interpolate)
+    cfg = AugmentConfig(**base, crop_scale_min=1.0, crop_scale_max=2.0)
+    theta = random_affine_matrices(64, cfg, torch.Generator().manual_seed(1))
+    out = augment_batch(white, cfg, torch.Generator().manual_seed(1))
+    # share of the frame the image covers = 1 / (sx * sy) over the zoomed-out axes (an axis with s < 1 is a
+    # crop, which the image fills): less if part of the image fell outside the frame
+    kept = (out / 255.0).mean(dim=(1, 2, 3))
+    expected = 1.0 / (theta[:, 0, 0].clamp(min=1) * theta[:, 1, 1].clamp(min=1))
+    assert torch.allclose(kept, expected, atol=0.03)
+    assert kept.min() < 0.7 and kept.max() <= 1.0 and expected.min() >= 1 / 2.0 / (4 / 3) - 1e-6
+
+
 def test_depthwise_convolutions_stay_fp32_under_cpu_bf16_autocast():
     import copy
 

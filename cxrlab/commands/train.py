@@ -44,6 +44,9 @@ HELP = {
     "sync_bn": "SyncBatchNorm in distributed runs",
     "aug_blur": "largest Gaussian blur sigma in pixels (each image draws one from [0, v]): takes away "
                 "sharpness shortcuts such as classes resized from different original sizes (0: off)",
+    "aug_crop_scale_min": "smallest image area kept by the random resized crop (zoom in; 1: off)",
+    "aug_crop_scale_max": "largest area factor: above 1 also zooms out onto a black frame, so framing "
+                          "differences between sites stop being a cue (1: off)",
     "report": "draw plots and report.html at the end",
     "ema": "keep an exponential moving average of the weights with this per-step decay (e.g. 0.998; 0: off); "
            "validation, checkpoints and the final model use the averaged weights",

@@ -24,6 +24,10 @@ class AugmentConfig:
         rotation: maximum rotation in degrees.
         translate: maximum shift as a fraction of the side.
         crop_scale_min: smallest area kept by the random resized crop (1.0 disables it).
+        crop_scale_max: largest area; above 1 the image is also zoomed out (shrunk onto a black frame, at a
+            random place inside it), so the model sees each class at smaller and larger scales than the
+            data's framing. Sites frame radiographs differently; a model that learned "anatomy fills the
+            frame = disease" fails on tightly framed normals.
         brightness, contrast: jitter factors, drawn from [1 - v, 1 + v].
         gamma: gamma drawn log-uniformly from [1/(1+v), 1+v].
         noise: standard deviation of added Gaussian noise (0..1 scale).
@@ -42,6 +46,7 @@ class AugmentConfig:
     gamma: float = 0.0
     noise: float = 0.0
     blur: float = 0.0
+    crop_scale_max: float = 1.0
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -50,11 +55,14 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
 
 def random_affine_matrices(n: int, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """Per-image affine matrices (n, 2, 3) mapping output to input coordinates in [-1, 1]."""
-    area = _uniform(n, cfg.crop_scale_min, 1.0, g)
-    log_r = _uniform(n, math.log(3 / 4), math.log(4 / 3), g) if cfg.crop_scale_min < 1 else torch.zeros(n)
-    sx = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)
-    sy = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
-    cx = (1 - sx) * _uniform(n, -1, 1, g)  # crop centre stays inside the image
+    area = _uniform(n, cfg.crop_scale_min, cfg.crop_scale_max, g)
+    rescale = cfg.crop_scale_min < 1 or cfg.crop_scale_max > 1
+    log_r = _uniform(n, math.log(3 / 4), math.log(4 / 3), g) if rescale else torch.zeros(n)
+    side_max = max(1.0, math.sqrt(cfg.crop_scale_max))
+    sx = torch.sqrt(area * torch.exp(log_r)).clamp(max=side_max)
+    sy = torch.sqrt(area / torch.exp(log_r)).clamp(max=side_max)
+    # a crop's centre keeps the crop inside the image; a zoomed-out image stays whole inside the frame
+    cx = (1 - sx) * _uniform(n, -1, 1, g)
     cy = (1 - sy) * _uniform(n, -1, 1, g)
     flip = torch.where(torch.rand(n, generator=g) < cfg.flip, -1.0, 1.0)
     ang = torch.deg2rad(_uniform(n, -cfg.rotation, cfg.rotation, g))
