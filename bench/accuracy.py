@@ -86,6 +86,11 @@ def main() -> int:
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], metavar="S1,S2,...",
                    help="run each seed with its own full budget into OUT/seedS and write OUT/seeds_summary.json "
                         "(mean, min, max); one seed alone cannot tell a 0.01 AUC change from noise")
+    p.add_argument("--stress", action="store_true",
+                   help="after the run (outside the budget), stress-test best.pt on the validation carve and the test "
+                        "split (cxrlab stress): OUT/stress_val.json, OUT/stress_test.json, flip rates in the summary")
+    p.add_argument("--stress-only", action="store_true",
+                   help="no training: stress-test the finished run in --out (its config.yaml and best.pt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe field (TrainConfig name), e.g. --set mixup=0.2; repeatable")
     args = p.parse_args()
@@ -95,6 +100,12 @@ def main() -> int:
 
     setup_logging()
     data = Path(args.data)
+    if args.stress_only:
+        from cxrlab.config import TrainConfig, load_yaml
+
+        cfg = TrainConfig.from_dict(load_yaml(Path(args.out) / "config.yaml"))
+        print(json.dumps(stress_run(cfg, Path(args.out)), indent=2))
+        return 0
     recipe = dict(RECIPES[args.recipe])
     if args.epochs:
         recipe["epochs"] = args.epochs
@@ -135,8 +146,31 @@ def run_one(args, data: Path, recipe: dict, seed: int, out: Path) -> dict:
                "recall": {c: v["recall"] for c, v in metrics["per_class"].items()},
                "specificity": {c: v.get("specificity") for c, v in metrics["per_class"].items()},
                "groups": {g: {"n": m["n"], "accuracy": m["accuracy"]} for g, m in metrics.get("groups", {}).items()}}
+    if args.stress:
+        summary["stress"] = stress_run(cfg, out)
     (out / "bench_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def stress_run(cfg, out: Path) -> dict:
+    """`cxrlab stress` of out/best.pt on the run's own validation carve and on the test split: flip rates."""
+    from cxrlab.data.dataset import build_index
+    from cxrlab.evaluate import label_indices
+    from cxrlab.inference import load_model_bundle
+    from cxrlab.stress import stress_test, write_result
+
+    bundle = load_model_bundle(out / "best.pt", device="cpu")
+    index = build_index(cfg.data, cfg.manifest, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                        group_regex=cfg.group_regex)
+    flips = {}
+    for split in ("val", "test"):
+        samples = index.splits[split]
+        arrays, ok, _ = bundle.arrays_for_files([s.path for s in samples])
+        result = stress_test(bundle, arrays, label_indices([samples[i] for i in ok], bundle.class_names))
+        write_result(out / f"stress_{split}", result)
+        flips[split] = {r["name"]: round(r["flip_rate"], 4) for r in result["perturbations"]}
+        flips[split]["mean"] = round(sum(r["flip_rate"] for r in result["perturbations"]) / len(result["perturbations"]), 4)
+    return flips
 
 
 if __name__ == "__main__":

@@ -235,11 +235,12 @@ def stress_checkpoint(checkpoint, out, *, data=None, split: str = "test", manife
     result = stress_test(bundle, arrays, y, only=only, batch_size=batch_size)
     result.update(checkpoint=str(checkpoint), images_from=source, unreadable=sorted(map(str, errors)),
                   subset=f"{len(chosen)} of {len(paths)} (seed {seed})" if len(chosen) < len(paths) else "all")
-    _write(Path(out), result)
+    write_result(Path(out), result)
     return result
 
 
-def _write(out: Path, result: dict) -> None:
+def write_result(out: Path, result: dict) -> None:
+    """Write stress.json and stress.csv into out."""
     import csv
     import json
 
