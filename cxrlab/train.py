@@ -302,7 +302,10 @@ class Run:
         if self.dist.main:
             _write_history(self.out / "history.csv", self.history)
         self.loop_start = t.t0
+        # the budget is fitted on the first epoch that trains the whole network (frozen epochs are cheaper)
+        fit_epoch = max(self.start_epoch, cfg.freeze_epochs + 1)
         for epoch in range(self.start_epoch, cfg.epochs + 1):
+            epoch_t0 = t()
             row = self.run_epoch(epoch)
             value = row[cfg.monitor] if row[cfg.monitor] != "" else float("nan")
             is_best = self.stopper.step(float(value), epoch)
@@ -318,10 +321,11 @@ class Run:
                 log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)", cfg.monitor,
                          cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
                 break
-            if epoch == self.start_epoch:
-                self._fit_cosine_to_budget(epoch, t())
+            if epoch == fit_epoch:  # the first epoch's cost includes start-up; later ones are their own
+                self._fit_cosine_to_budget(epoch, t(), t() if epoch == self.start_epoch else t() - epoch_t0)
+            next_epoch_s = max(t() / (epoch - self.start_epoch + 1), t() - epoch_t0)
             if cfg.time_budget_min and (self.cut_short or self._rank0_says(
-                    t() + t() / (epoch - self.start_epoch + 1) > cfg.time_budget_min * 60)):
+                    t() + next_epoch_s > cfg.time_budget_min * 60)):
                 log.info("time budget of %.1f min reached after epoch %d", cfg.time_budget_min, epoch)
                 break
 
@@ -342,13 +346,20 @@ class Run:
             return now + per_image * n_eval / 3 > deadline
         return stop
 
-    def _fit_cosine_to_budget(self, epoch: int, elapsed_s: float) -> None:
+    def _fit_cosine_to_budget(self, epoch: int, elapsed_s: float, epoch_s: float | None = None) -> None:
         """With --time-budget-min, shorten a cosine schedule to the epochs that fit, so the learning
-        rate reaches its minimum when the budget ends instead of being cut off half-way."""
+        rate reaches its minimum when the budget ends instead of being cut off half-way.
+
+        Args:
+            epoch: the epoch just finished.
+            elapsed_s: seconds since the loop started.
+            epoch_s: what one more epoch costs (default elapsed_s: the first epoch, start-up included).
+        """
         cfg = self.cfg
         if not cfg.time_budget_min or not isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
             return
-        fit = int(self._rank0_value(epoch + max(0.0, cfg.time_budget_min * 60 - elapsed_s) // max(elapsed_s, 1e-9)))
+        per_epoch = max(epoch_s if epoch_s is not None else elapsed_s, 1e-9)
+        fit = int(self._rank0_value(epoch + max(0.0, cfg.time_budget_min * 60 - elapsed_s) // per_epoch))
         if fit < cfg.epochs:
             self.scheduler.T_max = max(1, fit - cfg.warmup_epochs)
             log.info("time budget: about %d of %d epochs fit in %.1f min; cosine schedule shortened to end at epoch %d",

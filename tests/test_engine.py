@@ -194,12 +194,16 @@ def test_cosine_schedule_is_fitted_to_the_time_budget():
     from cxrlab.train import Run
     from cxrlab.training_setup import build_scheduler
 
-    def run_after_first_epoch(seconds: float) -> Run:
+    def fresh() -> Run:
         run = Run.__new__(Run)
         run.cfg = TrainConfig(data="x", epochs=10, warmup_epochs=1, scheduler="cosine", time_budget_min=1.0, lr=0.1)
         run.dist = DistInfo()
         run.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
         run.scheduler = build_scheduler(run.optimizer, run.cfg)
+        return run
+
+    def run_after_first_epoch(seconds: float) -> Run:
+        run = fresh()
         run._fit_cosine_to_budget(1, seconds)
         return run
 
@@ -212,3 +216,8 @@ def test_cosine_schedule_is_fitted_to_the_time_budget():
         else:
             assert slow.optimizer.param_groups[0]["lr"] > 0.01
     assert run_after_first_epoch(5.0).scheduler.T_max == 9  # 12 epochs would fit: the configured 10 stand
+    # with 2 frozen epochs the fit is made after epoch 3, on that epoch's own (full) cost: 60 s budget, 30 s
+    # gone (two cheap frozen epochs of 5 s and a full one of 20 s) -> 1 more full epoch fits, ending at epoch 4
+    frozen = fresh()
+    frozen._fit_cosine_to_budget(3, 30.0, 20.0)
+    assert frozen.scheduler.T_max == 3  # ends at epoch 4 (= 1 warm-up + 3)
