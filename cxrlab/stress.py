@@ -220,7 +220,9 @@ def stress_checkpoint(checkpoint, out, *, data=None, split: str = "test", manife
     from cxrlab.inference import expand_inputs, load_model_bundle
 
     if (data is None) == (not inputs):
-        raise CxrlabError("cxrlab stress: give either --data (a labelled split) or image files/folders, not both")
+        given = "both" if data is not None else "neither"
+        raise CxrlabError(f"cxrlab stress: got {given}; give either --data DIR (a labelled split) or image "
+                          f"files/folders (unlabelled), one of the two")
     bundle = load_model_bundle(checkpoint, device=device)
     if data is not None:
         samples, split = split_samples(data, split, manifest, bundle.class_names, checkpoint)

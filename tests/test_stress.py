@@ -119,4 +119,7 @@ def test_cli_on_a_labelled_split_and_on_unlabelled_files(tiny_run, synth_dir, tm
     assert not json.loads((tmp_path / "u" / "stress.json").read_text())["labelled"]
     both = subprocess.run([sys.executable, "-m", "cxrlab", "stress", str(synth_dir / "test"), "--data", str(synth_dir),
                            "--checkpoint", ckpt, "--out", str(tmp_path / "b")], capture_output=True, text=True, env=ENV)
-    assert both.returncode != 0 and "either --data" in both.stderr and "Traceback" not in both.stderr
+    assert both.returncode != 0 and "got both; give either --data" in both.stderr and "Traceback" not in both.stderr
+    neither = subprocess.run([sys.executable, "-m", "cxrlab", "stress", "--checkpoint", ckpt, "--out", str(tmp_path / "n")],
+                             capture_output=True, text=True, env=ENV)
+    assert neither.returncode != 0 and "got neither" in neither.stderr
