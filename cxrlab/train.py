@@ -321,8 +321,8 @@ class Run:
                 log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)", cfg.monitor,
                          cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
                 break
-            if epoch == fit_epoch:  # the first epoch's cost includes start-up; later ones are their own
-                self._fit_cosine_to_budget(epoch, t(), t() if epoch == self.start_epoch else t() - epoch_t0)
+            if epoch == fit_epoch:
+                self._fit_cosine_to_budget(epoch, t(), t() - epoch_t0)
             next_epoch_s = max(t() / (epoch - self.start_epoch + 1), t() - epoch_t0)
             if cfg.time_budget_min and (self.cut_short or self._rank0_says(
                     t() + next_epoch_s > cfg.time_budget_min * 60)):
@@ -346,20 +346,19 @@ class Run:
             return now + per_image * n_eval / 3 > deadline
         return stop
 
-    def _fit_cosine_to_budget(self, epoch: int, elapsed_s: float, epoch_s: float | None = None) -> None:
+    def _fit_cosine_to_budget(self, epoch: int, elapsed_s: float, epoch_s: float) -> None:
         """With --time-budget-min, shorten a cosine schedule to the epochs that fit, so the learning
         rate reaches its minimum when the budget ends instead of being cut off half-way.
 
         Args:
             epoch: the epoch just finished.
             elapsed_s: seconds since the loop started.
-            epoch_s: what one more epoch costs (default elapsed_s: the first epoch, start-up included).
+            epoch_s: what the epoch just finished cost (what one more is expected to cost).
         """
         cfg = self.cfg
         if not cfg.time_budget_min or not isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
             return
-        per_epoch = max(epoch_s if epoch_s is not None else elapsed_s, 1e-9)
-        fit = int(self._rank0_value(epoch + max(0.0, cfg.time_budget_min * 60 - elapsed_s) // per_epoch))
+        fit = int(self._rank0_value(epoch + max(0.0, cfg.time_budget_min * 60 - elapsed_s) // max(epoch_s, 1e-9)))
         if fit < cfg.epochs:
             self.scheduler.T_max = max(1, fit - cfg.warmup_epochs)
             log.info("time budget: about %d of %d epochs fit in %.1f min; cosine schedule shortened to end at epoch %d",

@@ -204,7 +204,7 @@ def test_cosine_schedule_is_fitted_to_the_time_budget():
 
     def run_after_first_epoch(seconds: float) -> Run:
         run = fresh()
-        run._fit_cosine_to_budget(1, seconds)
+        run._fit_cosine_to_budget(1, seconds, seconds)
         return run
 
     slow = run_after_first_epoch(12.0)  # 48 s left -> 4 more epochs fit: the schedule ends at epoch 5
