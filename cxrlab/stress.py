@@ -251,12 +251,15 @@ def write_result(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "stress.json").write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     classes = result["class_names"]
-    cols = ["name", "flip_rate", "mean_abs_dprob"] + (["accuracy", "delta_accuracy", "macro_f1", "auc_macro"]
-                                                       if result["labelled"] else [])
+    metrics = ["flip_rate", "mean_abs_dprob"]
+    recalls: list[str] = []
+    if result["labelled"]:
+        metrics += ["accuracy", "delta_accuracy", "macro_f1", "auc_macro"]
+        recalls = classes
     with open(out / "stress.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(cols + [f"share_{c}" for c in classes] + ([f"recall_{c}" for c in classes] if result["labelled"]
-                                                              else []) + ["fragile", "fix"])
+        w.writerow(["name", *metrics, *(f"share_{c}" for c in classes), *(f"recall_{c}" for c in recalls),
+                    "fragile", "fix"])
         for r in result["perturbations"]:
-            w.writerow([r[c] for c in cols] + [r["predicted_share"][c] for c in classes]
-                       + ([r["recall"][c] for c in classes] if result["labelled"] else []) + [r["fragile"], r["fix"]])
+            w.writerow([r["name"], *(r[k] for k in metrics), *(r["predicted_share"][c] for c in classes),
+                        *(r["recall"][c] for c in recalls), r["fragile"], r["fix"]])
