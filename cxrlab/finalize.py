@@ -67,6 +67,7 @@ def calibrate_on_split(ckpt: dict, data, split: str = "val", manifest: str | Non
         The checkpoint with `temperature`, `calibration_fitted_on` and optional `thresholds`.
     """
     from cxrlab.data.dataset import build_index
+    from cxrlab.evaluate import label_indices
     from cxrlab.inference import bundle_for
 
     index = build_index(data, manifest, require=(), val_fraction=0)
@@ -74,12 +75,12 @@ def calibrate_on_split(ckpt: dict, data, split: str = "val", manifest: str | Non
         raise CxrlabError(f"'{data}' has no '{split}' split to calibrate on (it has: {', '.join(index.splits)}); "
                           f"pass --split, or a manifest whose split column marks the validation images")
     names = list(ckpt["class_names"])
-    lookup = {n.lower(): i for i, n in enumerate(names)}
-    samples = [s for s in index.splits[split] if s.label.lower() in lookup]
+    known = {n.lower() for n in names}
+    samples = [s for s in index.splits[split] if s.label.lower() in known]
     logits, ok, _ = bundle_for(ckpt, device).logits_for_files([s.path for s in samples])
     if not ok:
         raise CxrlabError(f"the {split} split of '{data}' has no readable images of the classes {', '.join(names)}")
-    y = np.array([lookup[samples[i].label.lower()] for i in ok])
+    y = label_indices([samples[i] for i in ok], names)
     ckpt.pop("operating_points_val", None)  # chosen under the old temperature, like the thresholds
     if ckpt.pop("thresholds", None) is not None:
         log.info("previous operating-point thresholds dropped (they belonged to the old temperature)")
