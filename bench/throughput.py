@@ -16,10 +16,14 @@ entropy, batch 32 (forward + backward + optimiser step). Inference is an eval fo
 no_grad at batch 64: (a) DataLoader + PIL + Resize/ToTensor/Normalize per image, (b) the warm
 cache read plus `predict_logits` (uint8 arrays -> `to_model_input` per batch).
 
+With `--device cuda` both pipelines train and infer on the GPU (the naive one with pinned DataLoader
+batches, cxrlab with its augmentation on the GPU; "bf16" is then CUDA bf16 autocast).
+
 Each configuration runs in its own child process. Usage:
 
     python bench/throughput.py --json throughput.json
     python bench/throughput.py --data ../shared/data/pneumonia/train --images 512
+    python bench/throughput.py --device cuda --images 2048 --json throughput_gpu.json
 """
 
 from __future__ import annotations
@@ -55,6 +59,13 @@ def _model(name: str, in_chans: int, channels_last: bool):
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _label(path: str) -> int:
     return 0 if Path(path).parent.name.upper().startswith("NORMAL") else 1
 
@@ -78,20 +89,24 @@ def naive_child(a: argparse.Namespace, files: list[str]) -> dict:
     eval_tf = T.Compose([T.Resize((s, s)), T.ToTensor(), norm])
     chosen = set(files)
     ds = ImageFolder(a.root, transform=train_tf, is_valid_file=lambda p: str(Path(p)) in chosen)
-    model = _model(a.model, 3, channels_last=False)
+    dev = torch.device(a.device)
+    model = _model(a.model, 3, channels_last=False).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
 
     def epoch(limit: int | None = None) -> int:
         model.train()
         n = 0
-        for i, (x, y) in enumerate(DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=NAIVE_WORKERS)):
+        for i, (x, y) in enumerate(DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=NAIVE_WORKERS,
+                                              pin_memory=dev.type == "cuda")):
             if limit is not None and i >= limit:
                 break
+            x, y = x.to(dev), y.to(dev)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             n += len(y)
+        _sync(dev)
         return n
 
     epoch(limit=1)  # warm-up (first-call kernel selection), then one timed epoch with worker start-up
@@ -102,7 +117,8 @@ def naive_child(a: argparse.Namespace, files: list[str]) -> dict:
     model.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
-        m = sum(len(model(x)) for x, _ in DataLoader(ds_eval, batch_size=INFER_BATCH, num_workers=NAIVE_WORKERS))
+        m = sum(len(model(x.to(dev)).cpu()) for x, _ in DataLoader(ds_eval, batch_size=INFER_BATCH,
+                                                                    num_workers=NAIVE_WORKERS))
     infer_s = time.perf_counter() - t0
     return {"train_ips": n / train_s, "train_s": train_s, "train_images": n, "train_img_per_cpu_s": n / train_cpu,
             "infer_ips": m / infer_s, "infer_s": infer_s, "infer_images": m}
@@ -120,7 +136,8 @@ def cxrlab_child(a: argparse.Namespace, files: list[str]) -> dict:
     from cxrlab.models import channel_stats, model_spec
 
     pre = Preprocess(img_size=a.img_size)
-    out: dict = {"channels_last": a.channels_last}
+    dev = torch.device(a.device)
+    out: dict = {"channels_last": a.channels_last, "device": str(dev)}
     with tempfile.TemporaryDirectory(prefix="cxrlab-bench-cache-") as cache:
         t0 = time.perf_counter()
         arrays, ok, errors = load_arrays(files, pre, cache_dir=Path(cache), workers=min(os.cpu_count() or 1, 4))
@@ -136,20 +153,23 @@ def cxrlab_child(a: argparse.Namespace, files: list[str]) -> dict:
         warm = ArrayData(data.images[:BATCH], data.labels[:BATCH])
         for prec in a.precisions.split(","):
             amp = "bf16" if prec == "bf16" else "off"
-            model = _model(a.model, spec.in_chans, a.channels_last)
-            keep_depthwise_fp32(model)  # as cxrlab's training does on CPU (a no-op outside bf16 autocast)
+            model = _model(a.model, spec.in_chans, a.channels_last).to(dev)
+            if dev.type == "cpu":
+                keep_depthwise_fp32(model)  # as cxrlab's training does on CPU (a no-op outside bf16 autocast)
             opt = torch.optim.Adam(model.parameters(), lr=LR)
             crit = torch.nn.CrossEntropyLoss()
             step = StepConfig(BATCH, 0, 0, 2, AugmentConfig(), amp=amp, progress=False)
-            train_one_epoch(model, warm, opt, crit, ispec, step, torch.device("cpu"))
+            train_one_epoch(model, warm, opt, crit, ispec, step, dev)
+            _sync(dev)
             t0, c0 = time.perf_counter(), cpu_seconds()
             train_one_epoch(model, data, opt, crit, ispec, StepConfig(BATCH, 0, 1, 2, AugmentConfig(), amp=amp,
-                                                                      progress=False), torch.device("cpu"))
+                                                                      progress=False), dev)
+            _sync(dev)
             train_s, train_cpu = time.perf_counter() - t0, cpu_seconds() - c0
-            predict_logits(model, data.images[:INFER_BATCH], ispec, torch.device("cpu"), INFER_BATCH, amp=amp)
+            predict_logits(model, data.images[:INFER_BATCH], ispec, dev, INFER_BATCH, amp=amp)
             t0 = time.perf_counter()
             arr, _, _ = load_arrays(files, pre, cache_dir=Path(cache), workers=0)  # predict from files, cache warm
-            predict_logits(model, torch.from_numpy(arr), ispec, torch.device("cpu"), INFER_BATCH, amp=amp)
+            predict_logits(model, torch.from_numpy(arr), ispec, dev, INFER_BATCH, amp=amp)  # returns on the CPU
             infer_s = time.perf_counter() - t0
             out[prec] = {"train_ips": len(data) / train_s, "train_s": train_s, "train_img_per_cpu_s": len(data) / train_cpu,
                          "infer_ips": len(data) / infer_s, "infer_s": infer_s}
@@ -160,7 +180,7 @@ def cxrlab_child(a: argparse.Namespace, files: list[str]) -> dict:
 # ----------------------------------------------------------------------------- driver
 def _child_argv(kind: str, model: str, a: argparse.Namespace, list_file: str, root: str, **extra) -> list[str]:
     argv = [__file__, "--child", kind, "--model", model, "--file-list", list_file, "--root", root,
-            "--img-size", str(a.img_size)]
+            "--img-size", str(a.img_size), "--device", a.device]
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     return argv
@@ -250,7 +270,7 @@ def report(a: argparse.Namespace, per_model: dict, n: int, seconds: float) -> di
            "infer_speedup_per_model": {m: r["infer_speedup"] for m, r in per_model.items()},
            "models": per_model, "images": n, "img_size": a.img_size,
            "data": a.data or "synthetic phantoms (JPEG)", "batch": BATCH, "infer_batch": INFER_BATCH,
-           "naive_workers": NAIVE_WORKERS, "repeats": a.repeats,
+           "naive_workers": NAIVE_WORKERS, "repeats": a.repeats, "device": a.device,
            "allocator": {"naive": "glibc default (no MALLOC_* variables)", "cxrlab": dict(ALLOC_VARS)},
            "machine": machine_info(), "bench_seconds": seconds}
     out["date"] = out["machine"]["date"]
@@ -277,6 +297,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="interleaved naive/cxrlab repeats (best kept)")
     p.add_argument("--ablations", action="store_true", help="also cxrlab without the allocator / channels_last")
     p.add_argument("--quick", action="store_true", help="32 images: a smoke run")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: both pipelines train and infer there "
+                                                    "(cxrlab augments on the device; bf16 is CUDA autocast there)")
     p.add_argument("--child", choices=["naive", "cxrlab"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--file-list", help=argparse.SUPPRESS)

@@ -113,7 +113,8 @@ def cam_heatmaps(model: torch.nn.Module, layer: torch.nn.Module, images, targets
     """Heatmaps of preprocessed uint8 images for given class indices, in one CAM context.
 
     Args:
-        model: torch model (its train/eval mode and parameter gradients are restored afterwards).
+        model: torch model (its train/eval mode and parameter gradients are restored afterwards); its
+            weights may be frozen (requires_grad False), as a weight EMA's are.
         layer: the target layer inside `model`.
         images: uint8 (N, S, S) array or tensor.
         targets: class index per image.
@@ -140,6 +141,8 @@ def cam_heatmaps(model: torch.nn.Module, layer: torch.nn.Module, images, targets
                     x = to_model_input(images[i : i + batch_size].to(device), spec.mean, spec.std, spec.in_chans)
                     if getattr(spec, "channels_last", False):
                         x = x.contiguous(memory_format=torch.channels_last)
+                    # frozen weights (a weight EMA, a frozen backbone) build no graph on their own
+                    x.requires_grad_(True)
                     tg = [ClassifierOutputTarget(int(t)) for t in targets[i : i + batch_size]]
                     out[i : i + len(x)] = cam(input_tensor=x, targets=tg)
                     cam.outputs = None  # drop the retained graph before the next batch

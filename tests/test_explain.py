@@ -64,6 +64,20 @@ def test_heatmap_shape_and_range(name, method):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_heatmap_of_frozen_weights_equals_trainable():
+    """A weight EMA (cxrlab train --ema) or a frozen backbone has requires_grad False everywhere."""
+    from cxrlab.engine import weight_ema
+
+    model = _model("resnet18").eval()
+    spec = InputSpec([0.5] * 3, [0.25] * 3, 3)
+    ref = cam_heatmaps(model, model.layer4, _images(2), [0, 1], spec, "cpu")
+    ema = weight_ema(model, 0.99).module.eval()
+    assert not any(p.requires_grad for p in ema.parameters())
+    heat = cam_heatmaps(ema, ema.layer4, _images(2), [0, 1], spec, "cpu")
+    np.testing.assert_allclose(heat, ref, atol=1e-5)
+    assert heat.max() > 0.5 and not any(p.requires_grad or p.grad is not None for p in ema.parameters())
+
+
 def test_explain_array_result_any_input_size():
     bundle = _bundle()
     res = explain_array(bundle, _images(1, size=100)[0], target="PNEUMONIA", method="xgradcam")
