@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR [--no-tests]
 #
+# ONLY=REGEX runs the steps whose names match (e.g. ONLY='synth|lite0|predict|cuda_equals|nproc').
 # Each step prints "ok  <step>" or "FAIL <step>" (its log is OUT_DIR/<step>.log) and the script goes
 # on; the last line counts the failures. Needs cxrlab importable (pip install -e .[dev] or PYTHONPATH).
 set -u
@@ -18,6 +19,7 @@ CX="$PY -m cxrlab"
 fails=0
 step() {  # step NAME command...
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then return; fi
   local t0=$SECONDS
   if "$@" >"$OUT/$name.log" 2>&1; then echo "ok   $name ($((SECONDS - t0)) s)"
   else echo "FAIL $name ($((SECONDS - t0)) s): $(tail -n 3 "$OUT/$name.log" | tr '\n' ' ')"; fails=$((fails + 1)); fi
@@ -61,7 +63,9 @@ step stress_cuda $CX stress --checkpoint "$W/lite0/best.pt" --data "$D" --out "$
 step explain_cuda $CX explain --checkpoint "$W/lite0/best.pt" "$D/test" --out "$W/cam" --device $DEV
 step explain_score_cuda $CX explain --checkpoint "$W/d2/best.pt" --score --data "$D" --out "$W/cam_score" --device $DEV
 step export_onnx $CX export --checkpoint "$W/lite0/best.pt" --out "$W/lite0.onnx"
-step nproc2_one_gpu $CX train "${common[@]}" --model resnet18 --epochs 1 --nproc 2 --out "$W/ddp"
+# one GPU: --nproc 2 on CUDA must stop with a clear message; on the CPU (gloo) it must run
+step nproc2_one_gpu_refused bash -c "$CX train ${common[*]} --model resnet18 --epochs 1 --nproc 2 --out $W/ddp 2>&1 | grep 'CUDA GPU(s) are visible'"
+step nproc2_cpu_on_gpu_machine $CX train --data "$D" --img-size 64 --device cpu --quiet --model resnet18 --epochs 1 --nproc 2 --out "$W/ddp_cpu"
 step no_failures_logged bash -c "! grep -H -i 'failed\|traceback' $W/*/train.log"
 cp "$W/eval/metrics.json" "$OUT/eval_metrics.json" 2>/dev/null
 step throughput_gpu $PY bench/throughput.py --device $DEV --images ${TP_IMAGES:-1024} --json "$OUT/throughput_gpu.json"

@@ -85,10 +85,22 @@ def bundle_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> Mo
     from cxrlab.checkpoint import build_model
 
     dev = torch.device(device)
+    if dev.type == "cuda":
+        full_fp32_on_cuda()
     model = build_model(ckpt, dev)
     in_chans = ckpt["model"]["in_chans"]
     spec = InputSpec(list(ckpt["mean"]), list(ckpt["std"]), in_chans)
     return ModelBundle(ckpt, model, Preprocess.from_dict(ckpt.get("preprocess", {"img_size": ckpt["img_size"]})), spec, dev)
+
+
+def full_fp32_on_cuda() -> None:
+    """No TF32 in CUDA convolutions and matmuls (PyTorch's default allows it in convolutions).
+
+    With TF32 a model's probabilities on an H100 differed from the CPU's by up to 0.0066 and flipped a
+    borderline label (bench/gpu_check.sh, docs/BENCHMARKS.md); thresholds and calibration fitted on one
+    machine must hold on the other. Inference is cheap on a GPU either way; training turns TF32 back on.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def inference_device(device: str) -> str:

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +128,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, resume: bool):
         self.cfg, self.resume = cfg.validate(), resume
-        self.dist = init_distributed()
+        self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist)
         self.out = Path(cfg.out)
         self.progress = True
@@ -276,7 +277,9 @@ class Run:
                 self.scheduler.last_epoch >= self.scheduler.T_max:
             return  # a budget-shortened schedule has ended: stay at the minimum (stepping on would climb again)
         else:
-            self.scheduler.step()
+            with warnings.catch_warnings():  # fp16's GradScaler skips the steps whose gradients overflowed
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
 
     def save(self, epoch: int, row: dict, is_best: bool) -> None:
         metric = (self.cfg.monitor, row[self.cfg.monitor] if row[self.cfg.monitor] != "" else float("nan"))

@@ -17,18 +17,37 @@ from cxrlab.models import channel_stats, create_model, model_spec
 log = logging.getLogger(__name__)
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); 1 process otherwise."""
+def uses_cuda(device: str) -> bool:
+    """Whether a --device value trains on CUDA GPUs (`auto` does when one is visible)."""
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def check_gpus_for_processes(nproc: int, device: str) -> None:
+    """`--nproc N` on CUDA runs one process per GPU: fail before launching when fewer are visible."""
+    if nproc > 1 and uses_cuda(device) and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise CxrlabError(f"--nproc {nproc} runs one process per GPU, but {n} CUDA GPU(s) are visible; use --nproc {n} "
+                          f"(or --device cpu for {nproc} CPU processes)")
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); 1 process otherwise.
+
+    Args:
+        device: the run's --device; a CPU run uses gloo and leaves the GPUs alone even where there are some.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     import torch.distributed as dist
 
+    cuda = uses_cuda(device) and torch.cuda.is_available()
+    if cuda:
+        check_gpus_for_processes(world, device)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if cuda and dist.is_nccl_available() else "gloo")
     info = DistInfo(dist.get_rank(), dist.get_world_size())
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return info
 
@@ -66,6 +85,8 @@ def setup_model(cfg: TrainConfig, num_classes: int, pre: Preprocess, device: tor
     model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, pretrained=cfg.pretrained,
                          weights=cfg.weights, **kwargs)
     channels_last = cfg.channels_last and device.type != "mps"
+    if device.type == "cuda":  # TF32 tensor cores for training (PyTorch leaves matmuls in full fp32 by default)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = model.to(device)
     if device.type == "cpu":
         keep_depthwise_fp32(model)

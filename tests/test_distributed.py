@@ -31,6 +31,27 @@ from cxrlab.engine import DistInfo, epoch_order, shard
 # --- sharding ---------------------------------------------------------------------------------
 
 
+def test_more_processes_than_gpus_fails_before_launch(monkeypatch, capsys):
+    """Seen on a 1-GPU machine: --nproc 2 died inside NCCL with 'invalid device ordinal'."""
+    from cxrlab.cli import main
+    from cxrlab.errors import CxrlabError
+    from cxrlab.training_setup import check_gpus_for_processes, uses_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device in ("auto", "cuda"):
+        with pytest.raises(CxrlabError, match=r"--nproc 2 runs one process per GPU, but 1 CUDA GPU\(s\) are visible; "
+                                              r"use --nproc 1 \(or --device cpu"):
+            check_gpus_for_processes(2, device)
+    check_gpus_for_processes(2, "cpu")  # CPU processes: gloo, the GPU is left alone
+    check_gpus_for_processes(1, "cuda")
+    assert uses_cuda("auto") and uses_cuda("cuda:0") and not uses_cuda("cpu")
+    monkeypatch.setenv("CXRLAB_NO_REEXEC", "1")
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("torchrun must not be launched"))
+    assert main(["train", "--data", "missing-but-not-read", "--nproc", "2", "--device", "cuda"]) != 0
+    assert "1 CUDA GPU(s) are visible" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("n,world", [(10, 2), (11, 2), (7, 3), (5, 8), (1, 2)])
 def test_shards_are_disjoint_cover_all_and_equal_length(n, world):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(n))

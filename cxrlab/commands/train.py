@@ -144,7 +144,10 @@ def run(args) -> int:
             print(f"{name:22s} {model_spec(name).description}")
         return 0
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        config_from_args(args)  # fail fast on bad options before starting processes
+        from cxrlab.training_setup import check_gpus_for_processes
+
+        cfg = config_from_args(args)  # fail fast on bad options before starting processes
+        check_gpus_for_processes(args.nproc, cfg.device)
         return _launch_torchrun(args)
     from cxrlab.train import fit
 
