@@ -56,6 +56,7 @@ class TrainConfig:
     sampler: str = "shuffle"
     mixup: float = 0.0
     cutmix: float = 0.0
+    consistency: float = 0.0
     aug_flip: float = 0.5
     aug_rotation: float = 15.0
     aug_translate: float = 0.1
@@ -105,6 +106,9 @@ class TrainConfig:
              f"--aug-crop-scale-max is an area factor in [1, 4] (above 1 also zooms out), got {self.aug_crop_scale_max}"),
             (0 <= self.aug_blur <= 10, f"--aug-blur is a Gaussian sigma in pixels, 0..10, got {self.aug_blur}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1) such as 0.998 (0: off), got {self.ema}"),
+            (0 <= self.consistency <= 100, f"--consistency is a loss weight in [0, 100] such as 12 (0: off), got {self.consistency}"),
+            (not (self.consistency and (self.mixup or self.cutmix)),
+             "--consistency compares two views of the same image, which --mixup / --cutmix replace: use one or the other"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -210,6 +210,7 @@ class StepConfig:
     amp: str = "auto"
     grad_accum: int = 1
     progress: bool = True
+    consistency: float = 0.0
 
 
 def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Optimizer, criterion: nn.Module,
@@ -249,15 +250,25 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
     for i, idx in enumerate(bar):
         if on_batch:
             on_batch(i)
-        x = augment_batch(data.images[idx].to(device, non_blocking=True), step.augment, g)
+        raw = data.images[idx].to(device, non_blocking=True)
+        x = augment_batch(raw, step.augment, g)
+        if step.consistency:  # a second, independently augmented view of the same images
+            x = torch.cat([x, augment_batch(raw, step.augment, g)])
         x = to_model_input(x, spec.mean, spec.std, spec.in_chans)
         if spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = data.labels[idx].to(device)
-        xm, ym = mix_batch(x, y, step.num_classes, step.mixup, step.cutmix, g)
-        with autocast_context(device, step.amp):
-            logits = model(xm)
-        loss = criterion(logits.float(), ym)
+        if step.consistency:
+            ym = F.one_hot(y, step.num_classes).float()
+            with autocast_context(device, step.amp):
+                both = model(x).float()
+            logits, other = both[: len(y)], both[len(y):]
+            loss = (criterion(logits, ym) + criterion(other, ym)) / 2 + step.consistency * js_divergence(logits, other)
+        else:
+            xm, ym = mix_batch(x, y, step.num_classes, step.mixup, step.cutmix, g)
+            with autocast_context(device, step.amp):
+                logits = model(xm)
+            loss = criterion(logits.float(), ym)
         sync = (i + 1) % step.grad_accum == 0 or i + 1 == len(batches)
         _backward_step(loss / step.grad_accum, optimizer, scaler, model, sync=sync)
         if sync and on_step:
@@ -270,6 +281,17 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
     bar.close()
     totals = _all_reduce(totals, dist)
     return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2]), "batches": done}
+
+
+def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence between the softmax outputs of two views, averaged over the batch.
+
+    AugMix's consistency term (Hendrycks et al. 2020): the mean of KL(p_i || m) with m the mixture;
+    0 when the views agree, at most log 2. The mixture is clamped as in the AugMix reference code.
+    """
+    pa, pb = torch.softmax(logits_a.float(), dim=1), torch.softmax(logits_b.float(), dim=1)
+    log_m = ((pa + pb) / 2).clamp(1e-7, 1.0).log()
+    return (F.kl_div(log_m, pa, reduction="batchmean") + F.kl_div(log_m, pb, reduction="batchmean")) / 2
 
 
 def _backward_step(loss, optimizer, scaler, model, sync: bool) -> None:

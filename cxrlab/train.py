@@ -245,7 +245,7 @@ class Run:
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout and other module randomness
         train = self.splits["train"].arrays
         step = StepConfig(cfg.batch_size, cfg.seed, epoch, len(self.index.class_names), self.augment, cfg.sampler,
-                          cfg.mixup, cfg.cutmix, cfg.amp, cfg.grad_accum, self.progress)
+                          cfg.mixup, cfg.cutmix, cfg.amp, cfg.grad_accum, self.progress, cfg.consistency)
         micro = max(1, cfg.batch_size // (self.dist.world * cfg.grad_accum))
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
         on_step = (lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None

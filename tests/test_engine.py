@@ -221,3 +221,82 @@ def test_cosine_schedule_is_fitted_to_the_time_budget():
     frozen = fresh()
     frozen._fit_cosine_to_budget(3, 30.0, 20.0)
     assert frozen.scheduler.T_max == 3  # ends at epoch 4 (= 1 warm-up + 3)
+
+
+def test_js_divergence_known_values():
+    from cxrlab.engine import js_divergence
+
+    a = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 0.0]])
+    assert js_divergence(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    sure0, sure1 = torch.tensor([[30.0, 0.0]]), torch.tensor([[0.0, 30.0]])
+    assert js_divergence(sure0, sure1).item() == pytest.approx(math.log(2), rel=1e-4)  # the maximum
+    b = torch.tensor([[0.0, 1.0, -1.0], [1.0, 0.0, 0.0]])
+    pa, pb = torch.softmax(a, 1), torch.softmax(b, 1)
+    m = (pa + pb) / 2
+    kl = lambda p: (p * (p / m).log()).sum(1)  # noqa: E731
+    expected = ((kl(pa) + kl(pb)) / 2).mean().item()
+    assert js_divergence(a, b).item() == pytest.approx(expected, rel=1e-5)
+    assert js_divergence(b, a).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_consistency_with_identical_views_trains_like_plain_cross_entropy():
+    """Augmentation off: both views are the same image, the JS term is 0 and the CE mean is CE."""
+    from cxrlab.engine import ArrayData, InputSpec, StepConfig, train_one_epoch
+
+    off = AugmentConfig(flip=0, rotation=0, translate=0, crop_scale_min=1.0, brightness=0, contrast=0)
+    data = ArrayData(torch.randint(0, 256, (24, 8, 8), dtype=torch.uint8), torch.arange(24) % 3)
+    spec = InputSpec([0.5], [0.25], 1, False)
+    runs = []
+    for weight in (0.0, 12.0):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = StepConfig(8, 0, 1, 3, off, amp="off", progress=False, consistency=weight)
+        out = train_one_epoch(model, data, opt, lambda lg, t: -(t * lg.log_softmax(1)).sum(1).mean(), spec, step,
+                              torch.device("cpu"))
+        runs.append((out, model[1].weight.detach().clone()))
+    assert runs[0][0]["loss"] == pytest.approx(runs[1][0]["loss"], rel=1e-6)
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+    # with augmentation on, the views differ and the term is added (the path is live)
+    losses = []
+    for weight in (0.0, 12.0):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+        step = StepConfig(8, 0, 1, 3, AugmentConfig(rotation=30, brightness=0.5), amp="off", progress=False,
+                          consistency=weight)
+        losses.append(train_one_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.0),
+                                      lambda lg, t: -(t * lg.log_softmax(1)).sum(1).mean(), spec, step,
+                                      torch.device("cpu"))["loss"])
+    assert losses[1] > losses[0] + 1e-3
+
+
+def test_consistency_term_pulls_two_augmented_views_together():
+    """With real augmentation the term is positive and its gradient lowers it."""
+    from cxrlab.engine import js_divergence
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (16, 16, 16), dtype=torch.uint8)
+    cfg = AugmentConfig(rotation=30, translate=0.2, brightness=0.5, contrast=0.5, blur=2.0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    views = [augment_batch(imgs, cfg, g) / 255.0 for _ in range(2)]
+    before = js_divergence(model(views[0]), model(views[1]))
+    for _ in range(20):
+        loss = js_divergence(model(views[0]), model(views[1]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = js_divergence(model(views[0]), model(views[1])).item()
+    assert before.item() > 1e-4 and after < before.item() / 2
+
+
+def test_consistency_option_is_validated():
+    from cxrlab.config import TrainConfig
+    from cxrlab.errors import CxrlabError
+
+    TrainConfig(consistency=12).validate()
+    with pytest.raises(CxrlabError, match="--consistency is a loss weight"):
+        TrainConfig(consistency=-1).validate()
+    with pytest.raises(CxrlabError, match="--mixup / --cutmix replace"):
+        TrainConfig(consistency=12, mixup=0.2).validate()

@@ -27,6 +27,8 @@ HELP = {
     "sampler": "shuffle, or balanced (class-balanced sampling with replacement)",
     "mixup": "mixup alpha (0: off)",
     "cutmix": "cutmix alpha (0: off)",
+    "consistency": "weight of a Jensen-Shannon consistency loss between two augmented views of each image "
+                   "(AugMix; e.g. 12; 0: off); each step costs about twice as much",
     "amp": "mixed precision: auto (fp16 on CUDA), off, fp16, bf16",
     "workers": "decoding processes (default: CPU count, at most 8)",
     "cache": "persistent cache of decoded, resized images (default on)",
