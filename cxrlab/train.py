@@ -305,6 +305,8 @@ class Run:
         if self.dist.main:
             _write_history(self.out / "history.csv", self.history)
         self.loop_start = t.t0
+        if cfg.head_init == "probe" and self.start_epoch == 1:
+            self._probe_head()  # inside the time budget
         # the budget is fitted on the first epoch that trains the whole network (frozen epochs are cheaper)
         fit_epoch = max(self.start_epoch, cfg.freeze_epochs + 1)
         for epoch in range(self.start_epoch, cfg.epochs + 1):
@@ -331,6 +333,22 @@ class Run:
                     t() + next_epoch_s > cfg.time_budget_min * 60)):
                 log.info("time budget of %.1f min reached after epoch %d", cfg.time_budget_min, epoch)
                 break
+
+    def _probe_head(self) -> None:
+        """--head-init probe: the head fitted on frozen features (every rank alike; rank 0's is broadcast)."""
+        from cxrlab.training_setup import probe_head
+
+        train, t = self.splits["train"].arrays, Timer()
+        # features as training will see them: BatchNorm statistics of these radiographs, not ImageNet's
+        recalibrate_batchnorm(self.model, train.images, self.spec, self.device, n=self.cfg.precise_bn or 1024,
+                              seed=self.cfg.seed, amp=self.cfg.amp)
+        info = probe_head(self.model, train.images, train.labels, self.spec, self.device,
+                          balanced=self.cfg.class_weights, amp=self.cfg.amp, seed=self.cfg.seed)
+        if self.dist.world > 1:
+            for p in self.model.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+        log.info("head initialised by a linear probe on %d training images (train accuracy %.3f, %.0f s)",
+                 info["images"], info["train_acc"], t())
 
     def _budget_stop(self, micro: int):
         """With --time-budget-min, a callback that ends an epoch early when finishing it would overrun the

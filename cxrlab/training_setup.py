@@ -106,6 +106,66 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(linears[-1].parameters()) if linears else []
 
 
+def probe_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec, device: torch.device,
+               balanced: bool = False, amp: str = "off", max_images: int = 4096, seed: int = 0) -> dict:
+    """Linear probe: set the classifier's last Linear layer to a logistic regression on its input features.
+
+    The first half of LP-FT (Kumar et al. 2022, "Fine-tuning can distort pretrained features"): a new,
+    random head sends large, noisy gradients into the pretrained backbone during the first steps of
+    fine-tuning; a head fitted on the frozen features does not. Features are those the last Linear
+    layer receives in eval mode (no augmentation), for at most `max_images` training images.
+
+    Args:
+        model: the model (its last nn.Linear is the head).
+        images: uint8 training images (N, S, S).
+        labels: class indices (N,).
+        spec: input normalisation.
+        device: where to compute the features.
+        balanced: weight the classes by inverse frequency (as --class-weights does for the loss).
+        amp: precision of the feature pass.
+        max_images: subsample (evenly, by a seeded permutation) above this many images.
+        seed: subsample seed.
+
+    Returns:
+        {"images": how many were used, "train_acc": the probe's accuracy on them}.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from cxrlab.engine import predict_logits
+
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not head:
+        raise CxrlabError("--head-init probe needs a model whose classifier ends in a Linear layer")
+    head = head[-1]
+    n_classes = head.out_features
+    if len(images) > max_images:
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
+        images, labels = images[pick], labels[pick]
+    feats = []
+    hook = head.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach().float().cpu()))
+    try:
+        predict_logits(model, images, spec, device, amp=amp)
+    finally:
+        hook.remove()
+    x, y = torch.cat(feats).numpy(), labels.numpy()
+    present = sorted(set(y.tolist()))
+    if len(present) < 2:
+        raise CxrlabError("--head-init probe needs at least two classes among the training images")
+    clf = LogisticRegression(max_iter=2000, class_weight="balanced" if balanced else None).fit(x, y)
+    w = torch.zeros(n_classes, x.shape[1])
+    b = torch.full((n_classes,), -30.0)  # a class absent from the training images stays improbable
+    coef, intercept = torch.from_numpy(clf.coef_).float(), torch.from_numpy(clf.intercept_).float()
+    if len(present) == 2:  # sklearn gives one row, the log-odds of the second class: split it symmetrically
+        coef, intercept = torch.cat([-coef / 2, coef / 2]), torch.cat([-intercept / 2, intercept / 2])
+    for row, cls in enumerate(clf.classes_):
+        w[int(cls)], b[int(cls)] = coef[row], intercept[row]
+    with torch.no_grad():
+        head.weight.copy_(w.to(head.weight.device))
+        if head.bias is not None:
+            head.bias.copy_(b.to(head.bias.device))
+    return {"images": len(y), "train_acc": float(clf.score(x, y))}
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam (default), AdamW or SGD; the backbone may get a smaller LR (`backbone_lr_mult`)."""
     head = {id(p) for p in head_parameters(model)}

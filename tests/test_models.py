@@ -60,3 +60,74 @@ def test_reference_models_refuse_pretrained():
 def test_one_class_is_an_error():
     with pytest.raises(CxrlabError, match="num_classes"):
         create_model("resnet18", num_classes=1)
+
+
+class _Features(torch.nn.Module):
+    """A fixed 'backbone' (mean brightness of the image halves) and a Linear head: features known exactly."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(1)
+        self.head = torch.nn.Linear(2, n_classes)
+
+    def forward(self, x):
+        top, bottom = x[:, :, : x.shape[2] // 2].mean((1, 2, 3)), x[:, :, x.shape[2] // 2 :].mean((1, 2, 3))
+        return self.head(torch.stack([top, bottom], 1))
+
+
+def _halves(n: int, classes: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    top = (labels * 80 + 40 + torch.randint(-30, 30, (n,), generator=g)).clamp(0, 255)
+    bottom = torch.randint(0, 256, (n,), generator=g)
+    imgs = torch.zeros(n, 8, 8, dtype=torch.uint8)
+    imgs[:, :4] = top.view(n, 1, 1).to(torch.uint8)
+    imgs[:, 4:] = bottom.view(n, 1, 1).to(torch.uint8)
+    return imgs, labels
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_probe_head_is_the_logistic_regression_on_the_features(classes):
+    from sklearn.linear_model import LogisticRegression
+
+    from cxrlab.engine import InputSpec, predict_logits
+    from cxrlab.training_setup import probe_head
+
+    imgs, labels = _halves(90, classes)
+    spec = InputSpec([0.5], [0.25], 1)
+    model = _Features(classes)
+    info = probe_head(model, imgs, labels, spec, torch.device("cpu"))
+    feats = ((imgs.float() / 255 - 0.5) / 0.25)
+    x = torch.stack([feats[:, :4].mean((1, 2)), feats[:, 4:].mean((1, 2))], 1).numpy()
+    ref = LogisticRegression(max_iter=2000).fit(x, labels.numpy())
+    probs = torch.softmax(torch.from_numpy(predict_logits(model, imgs, spec, torch.device("cpu"))), 1).numpy()
+    assert abs(probs - ref.predict_proba(x)).max() < 1e-4
+    assert info == {"images": 90, "train_acc": pytest.approx(ref.score(x, labels.numpy()))} and info["train_acc"] > 0.9
+
+
+def test_probe_head_subsamples_and_keeps_absent_classes_improbable():
+    from cxrlab.engine import InputSpec, predict_logits
+    from cxrlab.training_setup import probe_head
+
+    imgs, labels = _halves(60, 2)
+    model = _Features(3)  # a third class the training images do not have
+    info = probe_head(model, imgs, labels, InputSpec([0.5], [0.25], 1), torch.device("cpu"), max_images=40)
+    assert info["images"] == 40
+    probs = torch.softmax(torch.from_numpy(predict_logits(model, imgs, InputSpec([0.5], [0.25], 1), torch.device("cpu"))), 1)
+    assert probs[:, 2].max() < 1e-6
+    with pytest.raises(CxrlabError, match="at least two classes"):
+        probe_head(_Features(2), imgs[labels == 0], labels[labels == 0], InputSpec([0.5], [0.25], 1), torch.device("cpu"))
+
+
+def test_train_with_probe_head_starts_from_the_probe(synth_dir, tmp_path):
+    """End to end: the probe runs before the first epoch and is logged."""
+    from cxrlab.config import TrainConfig
+    from cxrlab.train import fit
+
+    cfg = TrainConfig(data=str(synth_dir), out=str(tmp_path / "run"), model="resnet18", img_size=48, epochs=1,
+                      batch_size=16, report=False, cache=False, workers=0, head_init="probe", lr=1e-5)
+    fit(cfg, progress=False)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "head initialised by a linear probe on" in log
+    with pytest.raises(CxrlabError, match="--head-init must be random or probe"):
+        TrainConfig(head_init="lp").validate()

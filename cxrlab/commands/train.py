@@ -40,6 +40,8 @@ HELP = {
     "group_regex": "regex whose first group on the file name is the patient id (grouped validation split)",
     "val_fraction": "share of train carved out as validation when there is no val/ split",
     "freeze_epochs": "train only the head for this many epochs first",
+    "head_init": "random, or probe: fit the new head by logistic regression on the pretrained features before "
+                 "fine-tuning (LP-FT)",
     "backbone_lr_mult": "learning-rate multiplier of the backbone (discriminative learning rates)",
     "warmup_epochs": "linear learning-rate warm-up epochs",
     "grad_accum": "gradient accumulation steps (keeps the global batch when processes change)",
