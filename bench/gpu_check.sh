@@ -35,10 +35,10 @@ D=$W/synth
 step synth $CX synth --out "$D" --per-class "$PER_CLASS" --size 128
 common=(--data "$D" --img-size 128 --device $DEV --quiet --workers 4)
 # Pretrained EfficientNet-Lite0: fp16 autocast + GradScaler (amp auto on CUDA), EMA, per-epoch Grad-CAM.
-step train_lite0_fp16 $CX train "${common[@]}" --model efficientnet_lite0 --pretrained --epochs ${EPOCHS:-3} --ema 0.99 \
-  --optimizer adamw --lr 1e-3 --scheduler cosine --cam-every 1 --cam-images 2 --out "$W/lite0"
-step resume_lite0 $CX train "${common[@]}" --model efficientnet_lite0 --pretrained --epochs $((${EPOCHS:-3} + 1)) --ema 0.99 \
-  --optimizer adamw --lr 1e-3 --scheduler cosine --cam-every 1 --cam-images 2 --out "$W/lite0" --resume
+lite0=("${common[@]}" --model efficientnet_lite0 --pretrained --ema 0.99 --optimizer adamw --lr 1e-3 --scheduler cosine
+       --cam-every 1 --cam-images 2 --out "$W/lite0")
+step train_lite0_fp16 $CX train "${lite0[@]}" --epochs "${EPOCHS:-3}"
+step resume_lite0 $CX train "${lite0[@]}" --epochs $((${EPOCHS:-3} + 1)) --resume
 step train_resnet18_bf16_compile $CX train "${common[@]}" --model resnet18 --epochs 2 --amp bf16 --compile \
   --out "$W/r18"
 step train_design1 $CX train "${common[@]}" --model chestxray_cnn --epochs 2 --out "$W/d1"

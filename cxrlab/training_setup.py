@@ -102,8 +102,14 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
         head = model.get_classifier()
         if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
             return list(head.parameters())
+    last = last_linear(model)
+    return list(last.parameters()) if last is not None else []
+
+
+def last_linear(model: nn.Module) -> nn.Linear | None:
+    """The model's last nn.Linear layer (the classifier's output layer), None when it has none."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return list(linears[-1].parameters()) if linears else []
+    return linears[-1] if linears else None
 
 
 def probe_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec, device: torch.device,
@@ -123,7 +129,7 @@ def probe_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spe
         device: where to compute the features.
         balanced: weight the classes by inverse frequency (as --class-weights does for the loss).
         amp: precision of the feature pass.
-        max_images: subsample (evenly, by a seeded permutation) above this many images.
+        max_images: above this many images, a random subset of this size (seeded).
         seed: subsample seed.
 
     Returns:
@@ -133,10 +139,9 @@ def probe_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spe
 
     from cxrlab.engine import predict_logits
 
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not head:
+    head = last_linear(model)
+    if head is None:
         raise CxrlabError("--head-init probe needs a model whose classifier ends in a Linear layer")
-    head = head[-1]
     n_classes = head.out_features
     if len(images) > max_images:
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
