@@ -4,12 +4,16 @@
     python bench/accuracy.py --data ../shared/data/cxr3 --budget-min 30 --out runs/acc_cxr3
     python bench/accuracy.py --data ../shared/data/pneumonia --recipe chestxray_cnn --budget-min 30 --out runs/ref1
     python bench/accuracy.py --data ../shared/data/pneumonia --budget-min 30 --seeds 0,1,2 --out runs/acc_seeds
+    python bench/accuracy.py --data ../shared/data/pneumonia --budget-min 30 --members 2 --out runs/acc_m2
+    python bench/accuracy.py --data ../shared/data/pneumonia --budget-min 30 --set model=efficientnet_lite2 --out runs/acc_lite2
 
 Selects on validation only (carved from train and grouped by patient when there is no val split),
 evaluates `best.pt` once on the test split, and writes RUN_DIR/best.pt and RUN_DIR/metrics.json
 (the `cxrlab evaluate` schema; with a manifest that has a `source` column, metrics per source are in
-metrics.json["groups"]). Prints a one-line summary and appends nothing by itself: copy the numbers into
-docs/BENCHMARKS.md with the command, machine and date.
+metrics.json["groups"]). With `--members K` the budget is split between K models trained with seeds S,
+S+1000, ... on one validation carve and averaged (OUT/memberI/, the ensemble in OUT/). Prints a one-line
+summary and appends nothing by itself: copy the numbers into docs/BENCHMARKS.md with the command, machine
+and date.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ RECIPES = {
     # class weights, label smoothing, a gentler learning rate for the pretrained backbone, bf16 autocast on
     # CPU (depthwise layers stay fp32), an EMA of the weights, and a cosine schedule that the time budget
     # shortens to the epochs that fit. The head starts as a linear probe on the pretrained features (LP-FT),
-    # so the first steps do not distort them (docs/BENCHMARKS.md: two-seed mean 0.935 / 0.977 against 0.925 /
+    # so the first steps do not distort them (docs/BENCHMARKS.md: three-seed mean 0.936 / 0.977 against 0.925 /
     # 0.968 on the Kermany test, TB recall 0.978 -> 0.989 on cxr3, fewer flips under cxrlab stress).
     "recommended": dict(model="efficientnet_lite0", pretrained=True, head_init="probe", img_size=224, equalize=True,
                         epochs=30, ema=0.998,
@@ -89,6 +93,10 @@ def main() -> int:
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], metavar="S1,S2,...",
                    help="run each seed with its own full budget into OUT/seedS and write OUT/seeds_summary.json "
                         "(mean, min, max); one seed alone cannot tell a 0.01 AUC change from noise")
+    p.add_argument("--members", type=int, default=1,
+                   help="train this many models (seeds S, S+1000, ...) on the same validation carve, each with 1/K of "
+                        "the budget, and average them (cxrlab ensemble, temperature fitted on validation): OUT/memberI/ "
+                        "and the ensemble as OUT/best.pt and OUT/metrics.json")
     p.add_argument("--stress", action="store_true",
                    help="after the run (outside the budget), stress-test best.pt on the validation carve and the test "
                         "split (cxrlab stress): OUT/stress_val.json, OUT/stress_test.json, flip rates in the summary")
@@ -106,7 +114,8 @@ def main() -> int:
     if args.stress_only:
         from cxrlab.config import TrainConfig, load_yaml
 
-        cfg = TrainConfig.from_dict(load_yaml(Path(args.out) / "config.yaml"))
+        first = Path(args.out) / "config.yaml"
+        cfg = TrainConfig.from_dict(load_yaml(first if first.is_file() else Path(args.out) / "member0" / "config.yaml"))
         print(json.dumps(stress_run(cfg, Path(args.out)), indent=2))
         return 0
     recipe = dict(RECIPES[args.recipe])
@@ -130,41 +139,78 @@ def main() -> int:
 
 
 def run_one(args, data: Path, recipe: dict, seed: int, out: Path) -> dict:
-    """Train, select on validation and test one seed within the budget; writes out/bench_summary.json."""
+    """Train, select on validation and test one seed within the budget (`--members K`: K models, averaged);
+    writes out/bench_summary.json."""
     from cxrlab.config import TrainConfig
     from cxrlab.train import fit
 
     t0 = time.perf_counter()
     manifest = data / "manifest.csv"
-    margin = 2.5 + 0.05 * args.budget_min  # decode, calibration, test evaluation and report
-    cfg = TrainConfig(data=str(data), manifest=str(manifest) if manifest.is_file() else None, out=str(out),
-                      seed=seed, group_regex=PATIENT_REGEX, val_fraction=0.15,
-                      time_budget_min=max(1.0, args.budget_min - margin), **recipe)
-    result = fit(cfg, progress=False)
+    k = max(1, args.members)
+    # decode, calibration, test evaluation and report; with K members also K-1 more of those and the ensemble's
+    margin = 2.5 + 0.05 * args.budget_min + 1.0 * (k - 1)
+    member_budget = max(1.0, (args.budget_min - margin) / k)
+    cfgs = [TrainConfig(data=str(data), manifest=str(manifest) if manifest.is_file() else None,
+                        out=str(out if k == 1 else out / f"member{i}"), seed=seed + 1000 * i, split_seed=seed,
+                        group_regex=PATIENT_REGEX, val_fraction=0.15, time_budget_min=member_budget, **recipe)
+            for i in range(k)]
+    results = [fit(cfg, progress=False) for cfg in cfgs]
+    if k > 1:
+        ensemble_members(cfgs, out)
     wall = time.perf_counter() - t0
     metrics = json.loads((out / "metrics.json").read_text())
     summary = {"recipe": args.recipe, "data": str(data), "seed": seed, "wall_s": round(wall, 1),
-               "best_epoch": result["best_epoch"],
+               "best_epoch": results[0]["best_epoch"],
                "accuracy": metrics["accuracy"], "auc_macro": metrics["auc_macro"], "macro_f1": metrics["macro_f1"],
                "recall": {c: v["recall"] for c, v in metrics["per_class"].items()},
                "specificity": {c: v.get("specificity") for c, v in metrics["per_class"].items()},
                "groups": {g: {"n": m["n"], "accuracy": m["accuracy"]} for g, m in metrics.get("groups", {}).items()}}
+    if k > 1:
+        summary["members"] = []
+        for cfg, result in zip(cfgs, results):
+            m = json.loads((Path(cfg.out) / "metrics.json").read_text())
+            summary["members"].append({"seed": cfg.seed, "best_epoch": result["best_epoch"], "accuracy": m["accuracy"],
+                                       "auc_macro": m["auc_macro"], "macro_f1": m["macro_f1"]})
+    cfg = cfgs[0]
     if args.stress:
         summary["stress"] = stress_run(cfg, out)
     (out / "bench_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+def ensemble_members(cfgs: list, out: Path) -> dict:
+    """Average the members' best.pt into out/best.pt, fit its temperature on their shared validation carve and
+    evaluate it once on the test split (out/metrics.json, the evaluate schema, per source with a manifest)."""
+    from cxrlab.checkpoint import save_checkpoint
+    from cxrlab.ensemble import build_ensemble
+    from cxrlab.evaluate import evaluate_checkpoint, label_indices
+    from cxrlab.finalize import calibrate_checkpoint
+    from cxrlab.inference import bundle_for
+    from cxrlab.train import data_index
+
+    cfg = cfgs[0]
+    ckpt = build_ensemble([Path(c.out) / "best.pt" for c in cfgs])
+    index = data_index(cfg)
+    val = index.splits["val"]
+    logits, ok, _ = bundle_for(ckpt, "cpu").logits_for_files([s.path for s in val])
+    ckpt = calibrate_checkpoint(ckpt, logits, label_indices([val[i] for i in ok], list(ckpt["class_names"])),
+                                cfg.target_recall, cfg.calibrate)
+    ckpt["calibration_fitted_on"] = f"the members' validation carve ({len(ok)} images)"
+    save_checkpoint(ckpt, out / "best.pt")
+    has_source = any(s.source for s in index.splits.get("test", []))
+    return evaluate_checkpoint(out / "best.pt", cfg.data, out, split="test", manifest=cfg.manifest,
+                               group_by="source" if has_source else None, device="cpu")
+
+
 def stress_run(cfg, out: Path) -> dict:
     """`cxrlab stress` of out/best.pt on the run's own validation carve and on the test split: flip rates."""
-    from cxrlab.data.dataset import build_index
     from cxrlab.evaluate import label_indices
     from cxrlab.inference import load_model_bundle
     from cxrlab.stress import stress_test, write_result
+    from cxrlab.train import data_index
 
     bundle = load_model_bundle(out / "best.pt", device="cpu")
-    index = build_index(cfg.data, cfg.manifest, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                        group_regex=cfg.group_regex)
+    index = data_index(cfg)
     flips = {}
     for split in ("val", "test"):
         samples = index.splits[split]

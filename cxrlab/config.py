@@ -47,6 +47,7 @@ class TrainConfig:
     early_stop: int = 10
     monitor: str = "val_loss"
     seed: int = 42
+    split_seed: int | None = None
     workers: int | None = None
     val_fraction: float = 0.15
     group_regex: str | None = None
@@ -86,6 +87,11 @@ class TrainConfig:
     report: bool = True
     precise_bn: int = 1024
     ema: float = 0.0
+
+    @property
+    def carve_seed(self) -> int:
+        """Seed of the validation carve: `split_seed`, or `seed` when it is not set."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; returns self."""

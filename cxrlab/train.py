@@ -123,6 +123,12 @@ def make_checkpoint(model, cfg: TrainConfig, class_names, pre: Preprocess, spec:
     }
 
 
+def data_index(cfg: TrainConfig):
+    """The run's splits: the data's own, with validation carved from train (seed `cfg.carve_seed`) when it has none."""
+    return build_index(cfg.data, cfg.manifest, val_fraction=cfg.val_fraction, seed=cfg.carve_seed,
+                       group_regex=cfg.group_regex)
+
+
 class Run:
     """State of one training run (kept small: everything else is derived or in the checkpoint)."""
 
@@ -136,8 +142,7 @@ class Run:
 
     def prepare_data(self) -> None:
         cfg = self.cfg
-        self.index = build_index(cfg.data, cfg.manifest, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                 group_regex=cfg.group_regex)
+        self.index = data_index(cfg)
         for note in self.index.notes:
             log.info("%s", note)
         _leak_check(self.index, cfg)
@@ -193,7 +198,7 @@ class Run:
             raise CxrlabError(f"--resume: no last.pt in '{self.out}' (nothing to resume). Run without --resume to start")
         ckpt = load_checkpoint(path, map_location=self.device)
         old = ckpt["config"]
-        for key in ("model", "img_size", "seed", "batch_size"):
+        for key in ("model", "img_size", "seed", "split_seed", "batch_size"):
             if old.get(key) != getattr(self.cfg, key):
                 raise CxrlabError(f"--resume: {key} was {old.get(key)!r} in '{path}' but is {getattr(self.cfg, key)!r} now; "
                                   "resume with the original settings")

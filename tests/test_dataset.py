@@ -134,3 +134,24 @@ def test_dicom_in_a_folder_dataset(tmp_path):
     _layout(tmp_path, {"train": {"A": 2, "B": 2}})
     (tmp_path / "train" / "A" / "x.dcm").write_bytes(b"")
     assert any(s.path.suffix == ".dcm" for s in scan(tmp_path))
+
+
+def test_split_seed_fixes_the_carve_across_training_seeds(tmp_path):
+    """Ensemble members: other --seed, same --split-seed -> the same validation images (and the default follows --seed)."""
+    from cxrlab.config import TrainConfig
+    from cxrlab.train import data_index
+
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for patient in range(12):
+            _img(tmp_path / "d" / "train" / cls / f"person{cls[0]}{patient}_view0.png", value=patient)
+
+    def val_paths(**kw):
+        cfg = TrainConfig(data=str(tmp_path / "d"), group_regex=r"(person\w+?)_view", val_fraction=0.25, **kw)
+        return [s.path for s in data_index(cfg).splits["val"]]
+
+    fixed = val_paths(seed=1, split_seed=7)
+    assert fixed == val_paths(seed=2, split_seed=7)
+    assert fixed == [s.path for s in build_index(tmp_path / "d", group_regex=r"(person\w+?)_view", val_fraction=0.25,
+                                                 seed=7).splits["val"]]
+    assert val_paths(seed=1) != val_paths(seed=2)
+    assert TrainConfig(seed=5).carve_seed == 5 and TrainConfig(seed=5, split_seed=0).carve_seed == 0

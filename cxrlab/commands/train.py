@@ -38,6 +38,8 @@ HELP = {
     "allow_leakage": "train even when val/test images are copies of training images",
     "time_budget_min": "stop before this many minutes of training have passed",
     "group_regex": "regex whose first group on the file name is the patient id (grouped validation split)",
+    "split_seed": "seed of the validation carve (default: --seed); keep it fixed to train models with different "
+                  "--seed on the same train/validation split, e.g. ensemble members",
     "val_fraction": "share of train carved out as validation when there is no val/ split",
     "freeze_epochs": "train only the head for this many epochs first",
     "head_init": "random, or probe: fit the new head by logistic regression on the pretrained features before "

