@@ -15,7 +15,7 @@ class TrainConfig:
 
     Attributes are documented in `cxrlab train --help`; the notable groups are data (`data`,
     `manifest`, `val_fraction`, `group_regex`), model (`model`, `pretrained`, `weights`), optimisation
-    (`lr`, `weight_decay`, `epochs`, `batch_size`, `monitor`, `patience`, `early_stop`), imbalance
+    (`lr`, `weight_decay`, `epochs`, `batch_size`, `monitor`, `select`, `patience`, `early_stop`), imbalance
     (`class_weights`, `loss`, `sampler`), regularisation (`mixup`, `cutmix`, `label_smoothing`,
     augmentation strengths), speed (`amp`, `channels_last`, `compile`, `workers`, `cache`) and
     explanations during training (`cam_every`, `cam_images`).
@@ -46,6 +46,7 @@ class TrainConfig:
     backbone_lr_mult: float = 1.0
     early_stop: int = 10
     monitor: str = "val_loss"
+    select: str = "best"
     seed: int = 42
     split_seed: int | None = None
     workers: int | None = None
@@ -100,6 +101,7 @@ class TrainConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.monitor in ("val_loss", "val_acc", "val_auc"), f"--monitor must be val_loss, val_acc or val_auc, got {self.monitor}"),
+            (self.select in ("best", "last"), f"--select must be best or last, got {self.select}"),
             (self.loss in ("ce", "focal"), f"--loss must be ce or focal, got {self.loss}"),
             (self.sampler in ("shuffle", "balanced"), f"--sampler must be shuffle or balanced, got {self.sampler}"),
             (self.optimizer in ("adam", "adamw", "sgd"), f"--optimizer must be adam, adamw or sgd, got {self.optimizer}"),

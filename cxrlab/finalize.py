@@ -105,8 +105,8 @@ def finalize_run(run) -> dict:
     ckpt = calibrate_checkpoint(ckpt, bundle.logits_for_arrays(val.images), val.labels.numpy(),
                                 run.cfg.target_recall, run.cfg.calibrate)
     save_checkpoint(ckpt, best)
-    log.info("best epoch %d (%s %.4f); temperature %.3f fitted on validation", ckpt["epoch"], ckpt["metric"]["name"],
-             ckpt["metric"]["value"], ckpt.get("temperature", 1.0))
+    log.info("%s epoch %d (%s %.4f); temperature %.3f fitted on validation", run.cfg.select, ckpt["epoch"],
+             ckpt["metric"]["name"], ckpt["metric"]["value"], ckpt.get("temperature", 1.0))
     result = {}
     if "test" in run.splits:
         test = run.splits["test"]

@@ -322,7 +322,7 @@ class Run:
             self.history.append(row)
             if self.dist.main:
                 _write_history(self.out / "history.csv", self.history)
-                self.save(epoch, row, is_best)
+                self.save(epoch, row, is_best or cfg.select == "last")
                 self._on_epoch_end(epoch)
             log.info("epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %s | lr %.2g | %.1fs%s",
                      epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
@@ -444,6 +444,8 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
             (run.out / "data_summary.json").write_text(json.dumps(run.counts, indent=2))
         run.loop()
         result = {"run_dir": str(run.out), "best_epoch": run.stopper.best_epoch, "best": run.stopper.best}
+        if cfg.select == "last" and run.history:
+            result.update(best_epoch=run.history[-1]["epoch"], best=run.history[-1][cfg.monitor])
         if run.dist.main:
             from cxrlab.finalize import finalize_run
 

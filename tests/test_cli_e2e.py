@@ -152,3 +152,28 @@ def test_time_budget_cuts_an_epoch_that_would_overrun(synth_dir, tmp_path):
     assert "epoch 1 ended after 1 of" in log and "time budget" in log
     assert load_checkpoint(out / "best.pt")["epoch"] == 1
     assert (out / "metrics.json").is_file()
+
+
+def test_select_last_keeps_the_final_epoch_and_best_the_monitored_one(synth_dir, tmp_path):
+    """--select changes which epoch becomes best.pt, not training: same history either way; `best` keeps the
+    epoch with the highest val_auc, `last` the final weights (identical to last.pt's)."""
+    from cxrlab.checkpoint import load_checkpoint
+    from cxrlab.config import TrainConfig
+    from cxrlab.errors import CxrlabError
+    from cxrlab.train import fit
+    import torch
+
+    base = dict(data=str(synth_dir), model="custom_cnn", img_size=48, batch_size=8, epochs=4, lr=0.003, monitor="val_auc",
+                report=False, cache=False, workers=0, early_stop=0)
+    res = {sel: fit(TrainConfig(out=str(tmp_path / sel), select=sel, **base), progress=False) for sel in ("best", "last")}
+    hist = {sel: list(csv.DictReader(open(tmp_path / sel / "history.csv"))) for sel in res}
+    assert [r["val_loss"] for r in hist["best"]] == [r["val_loss"] for r in hist["last"]]
+    aucs = [float(r["val_auc"]) for r in hist["best"]]
+    best_epoch = 1 + aucs.index(max(aucs))
+    assert best_epoch < 4, "this seed's val_auc should peak before the end (else the test proves nothing)"
+    assert load_checkpoint(tmp_path / "best" / "best.pt")["epoch"] == res["best"]["best_epoch"] == best_epoch
+    kept, last = load_checkpoint(tmp_path / "last" / "best.pt"), load_checkpoint(tmp_path / "last" / "last.pt")
+    assert kept["epoch"] == res["last"]["best_epoch"] == 4
+    assert all(torch.equal(kept["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
+    with pytest.raises(CxrlabError, match="--select must be best or last"):
+        TrainConfig(data=str(synth_dir), select="final").validate()

@@ -20,7 +20,9 @@ HELP = {
     "img_size": "square input size in pixels (default: the model's own)",
     "equalize": "histogram-equalise every radiograph (evens out exposure between sites)",
     "crop_border": "fraction trimmed from each side before resizing (borders, text markers)",
-    "monitor": "metric that picks best.pt and drives the scheduler and early stopping: val_loss, val_acc, val_auc",
+    "monitor": "metric that picks best.pt (--select best) and drives the scheduler and early stopping: val_loss, val_acc, val_auc",
+    "select": "which epoch becomes best.pt: best (the best --monitor value) or last (the final epoch: for "
+              "schedules that anneal to the end, e.g. cosine within --time-budget-min)",
     "early_stop": "stop after this many epochs without improvement (0: never)",
     "class_weights": "weight the loss by inverse class frequency (reference design 2)",
     "loss": "ce or focal",
