@@ -38,7 +38,8 @@ RECIPES = {
     # 0.968 on the Kermany test, TB recall 0.978 -> 0.989 on cxr3, fewer flips under cxrlab stress).
     # best.pt is the final epoch (select="last"), where the cosine schedule has annealed: the validation
     # carve (785 Kermany images) is too small to rank epochs, and its loss picked early, worse epochs
-    # (Kermany test, four seeds: 0.944-0.949 / AUC 0.979-0.980 with the final epoch, 0.925-0.946 with the loss).
+    # (Kermany test, five seeds: 0.936-0.949 / AUC 0.979-0.980 with the final epoch; 0.925-0.946 / 0.974-0.979
+    # for seeds 0-2 with the loss).
     "recommended": dict(model="efficientnet_lite0", pretrained=True, head_init="probe", img_size=224, equalize=True,
                         epochs=30, ema=0.998,
                         batch_size=32, optimizer="adamw", lr=1e-3, weight_decay=1e-2, backbone_lr_mult=0.3,
