@@ -78,6 +78,11 @@ def _overrides(items: list[str]) -> dict:
         if isinstance(fields[key].default, bool):
             out[key] = value.lower() in ("1", "true", "yes", "on")
             continue
+        if key in ("model_kwargs", "target_recall"):  # --set model_kwargs=drop_path_rate:0.1,drop_rate:0.2
+            from cxrlab.commands.train import parse_model_args
+
+            out[key] = parse_model_args([kv.replace(":", "=", 1) for kv in value.split(",") if kv])
+            continue
         try:
             out[key] = field_type(fields[key])(value)
         except ValueError:
@@ -107,7 +112,8 @@ def main() -> int:
     p.add_argument("--stress-only", action="store_true",
                    help="no training: stress-test the finished run in --out (its config.yaml and best.pt)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any recipe field (TrainConfig name), e.g. --set mixup=0.2; repeatable")
+                   help="override any recipe field (TrainConfig name), e.g. --set mixup=0.2, or a mapping as "
+                        "--set model_kwargs=drop_path_rate:0.2,drop_rate:0.2; repeatable")
     args = p.parse_args()
     _reexec_with_allocator()
 

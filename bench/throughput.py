@@ -156,7 +156,11 @@ def cxrlab_child(a: argparse.Namespace, files: list[str]) -> dict:
             model = _model(a.model, spec.in_chans, a.channels_last).to(dev)
             if dev.type == "cpu":
                 keep_depthwise_fp32(model)  # as cxrlab's training does on CPU (a no-op outside bf16 autocast)
-            opt = torch.optim.Adam(model.parameters(), lr=LR)
+            if a.freeze_stages:
+                from cxrlab.training_setup import freeze_stages
+
+                freeze_stages(model, a.freeze_stages, a.model)
+            opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
             crit = torch.nn.CrossEntropyLoss()
             step = StepConfig(BATCH, 0, 0, 2, AugmentConfig(), amp=amp, progress=False)
             train_one_epoch(model, warm, opt, crit, ispec, step, dev)
@@ -200,6 +204,11 @@ def measure_model(model: str, a: argparse.Namespace, list_file: str, root: str) 
                                                                env_with(alloc=False))
         runs["ablations"]["cxrlab_no_channels_last"] = run_child(
             _child_argv("cxrlab", model, a, list_file, root, channels_last=0), env_with(alloc=True))
+    for n in [int(x) for x in a.freeze_stages_list.split(",") if x.strip()]:
+        runs["ablations"][f"cxrlab_freeze_stages_{n}"] = r = run_child(
+            _child_argv("cxrlab", model, a, list_file, root, child_freeze_stages=n), env_with(alloc=True))
+        print(f"  {model} cxrlab --freeze-stages {n}: train fp32 {r['fp32']['train_ips']:.1f}, "
+              f"bf16 {r['bf16']['train_ips']:.1f} img/s", flush=True)
     return summarise(runs)
 
 
@@ -276,7 +285,8 @@ def report(a: argparse.Namespace, per_model: dict, n: int, seconds: float) -> di
     out["date"] = out["machine"]["date"]
     print(f"\n{'model':20s} {'config':14s} {'train img/s':>12s} {'infer img/s':>12s}")
     for m, r in per_model.items():
-        for cfg in ("naive", "cxrlab_fp32", "cxrlab_bf16", "cxrlab_default_malloc", "cxrlab_no_channels_last"):
+        for cfg in ("naive", "cxrlab_fp32", "cxrlab_bf16", "cxrlab_default_malloc", "cxrlab_no_channels_last",
+                    *[k for k in r if k.startswith("cxrlab_freeze_stages_")]):
             if cfg in r:
                 v = r[cfg] if "train_ips" in r[cfg] else r[cfg]["fp32"]
                 print(f"{m:20s} {cfg:14s} {v['train_ips']:12.1f} {v['infer_ips']:12.1f}")
@@ -297,6 +307,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="interleaved naive/cxrlab repeats (best kept)")
     p.add_argument("--ablations", action="store_true", help="also cxrlab without the allocator / channels_last")
     p.add_argument("--quick", action="store_true", help="32 images: a smoke run")
+    p.add_argument("--freeze-stages", dest="freeze_stages_list", default="", metavar="N1,N2",
+                   help="also cxrlab with the stem and the first N stages fixed (training's --freeze-stages), per N")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: both pipelines train and infer there "
                                                     "(cxrlab augments on the device; bf16 is CUDA autocast there)")
     p.add_argument("--child", choices=["naive", "cxrlab"], help=argparse.SUPPRESS)
@@ -304,6 +316,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--file-list", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--channels-last", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--child-freeze-stages", dest="freeze_stages", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--precisions", default="fp32,bf16", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -42,6 +42,7 @@ class TrainConfig:
     plateau_patience: int = 5
     warmup_epochs: int = 0
     freeze_epochs: int = 0
+    freeze_stages: int = 0
     head_init: str = "random"
     backbone_lr_mult: float = 1.0
     early_stop: int = 10
@@ -69,6 +70,7 @@ class TrainConfig:
     aug_gamma: float = 0.0
     aug_noise: float = 0.0
     aug_blur: float = 0.0
+    aug_blur_match: bool = False
     aug_crop_scale_max: float = 1.0
     amp: str = "auto"
     channels_last: bool = True
@@ -115,6 +117,7 @@ class TrainConfig:
              f"--aug-crop-scale-max is an area factor in [1, 4] (above 1 also zooms out), got {self.aug_crop_scale_max}"),
             (0 <= self.aug_blur <= 10, f"--aug-blur is a Gaussian sigma in pixels, 0..10, got {self.aug_blur}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1) such as 0.998 (0: off), got {self.ema}"),
+            (self.freeze_stages >= 0, f"--freeze-stages must be >= 0 (0: train every layer), got {self.freeze_stages}"),
             (self.head_init in ("random", "probe"), f"--head-init must be random or probe, got {self.head_init}"),
             (0 <= self.consistency <= 100, f"--consistency is a loss weight in [0, 100] such as 12 (0: off), got {self.consistency}"),
             (not (self.consistency and (self.mixup or self.cutmix)),

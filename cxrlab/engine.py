@@ -251,9 +251,10 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
         if on_batch:
             on_batch(i)
         raw = data.images[idx].to(device, non_blocking=True)
-        x = augment_batch(raw, step.augment, g)
+        labels = data.labels[idx]
+        x = augment_batch(raw, step.augment, g, labels)
         if step.consistency:  # a second, independently augmented view of the same images
-            x = torch.cat([x, augment_batch(raw, step.augment, g)])
+            x = torch.cat([x, augment_batch(raw, step.augment, g, labels)])
         x = to_model_input(x, spec.mean, spec.std, spec.in_chans)
         if spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -30,7 +30,7 @@ from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepCo
                            epoch_metrics, predict_logits, recalibrate_batchnorm, train_one_epoch, weight_ema)
 from cxrlab.errors import CxrlabError
 from cxrlab.training_setup import (build_criterion, build_optimizer, build_scheduler, init_distributed,
-                                   resolve_device, set_backbone_frozen, setup_model)
+                                   freeze_stages, resolve_device, set_backbone_frozen, setup_model)
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,11 @@ class Run:
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model %s: %.2fM parameters, input %d px x %d channel(s), device %s, world size %d",
                  cfg.model, n_params / 1e6, self.pre.img_size, self.spec.in_chans, self.device, self.dist.world)
+        self.fixed = freeze_stages(self.model, cfg.freeze_stages, cfg.model)
+        if self.fixed:
+            n_fixed = sum(p.numel() for p in self.model.parameters() if id(p) in self.fixed)
+            log.info("stem and first %d stage(s) fixed (--freeze-stages): %.2fM of %.2fM parameters train",
+                     cfg.freeze_stages, (n_params - n_fixed) / 1e6, n_params / 1e6)
         if self.dist.main:
             check_output_dir(self.out, need_bytes=n_params * 4 * 5 + 50_000_000)
         if cfg.sync_bn and self.dist.world > 1 and self.device.type != "cuda":
@@ -246,7 +251,7 @@ class Run:
     def run_epoch(self, epoch: int) -> dict:
         cfg, t = self.cfg, Timer()
         if cfg.freeze_epochs:
-            set_backbone_frozen(self.model, epoch <= cfg.freeze_epochs)
+            set_backbone_frozen(self.model, epoch <= cfg.freeze_epochs, self.fixed)
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout and other module randomness
         train = self.splits["train"].arrays
         step = StepConfig(cfg.batch_size, cfg.seed, epoch, len(self.index.class_names), self.augment, cfg.sampler,
@@ -306,7 +311,7 @@ class Run:
         cfg, t = self.cfg, Timer()
         self.augment = AugmentConfig(cfg.aug_flip, cfg.aug_rotation, cfg.aug_translate, cfg.aug_crop_scale_min,
                                      cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise,
-                                     cfg.aug_blur, cfg.aug_crop_scale_max)
+                                     cfg.aug_blur, cfg.aug_crop_scale_max, self._class_blur())
         if self.dist.main:
             _write_history(self.out / "history.csv", self.history)
         self.loop_start = t.t0
@@ -338,6 +343,19 @@ class Run:
                     t() + next_epoch_s > cfg.time_budget_min * 60)):
                 log.info("time budget of %.1f min reached after epoch %d", cfg.time_budget_min, epoch)
                 break
+
+    def _class_blur(self) -> tuple[float, ...]:
+        """--aug-blur-match: the extra blur per class that takes sharpness away as a class cue."""
+        if not self.cfg.aug_blur_match:
+            return ()
+        from cxrlab.data.augment import sharpness_matching_blur
+
+        train, names = self.splits["train"].arrays, self.index.class_names
+        top, info = sharpness_matching_blur(train.images, train.labels, len(names), seed=self.cfg.seed)
+        log.info("sharpness matching (--aug-blur-match): median sharpness %s; extra blur up to %s px",
+                 ", ".join(f"{names[c]} {m:.2f}" for c, m in info["median"].items()),
+                 ", ".join(f"{n} {v:.2f}" for n, v in zip(names, top)) or "none (fewer than two classes)")
+        return top
 
     def _probe_head(self) -> None:
         """--head-init probe: the head fitted on frozen features (every rank alike; rank 0's is broadcast)."""

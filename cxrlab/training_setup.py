@@ -174,7 +174,7 @@ def probe_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spe
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam (default), AdamW or SGD; the backbone may get a smaller LR (`backbone_lr_mult`)."""
     head = {id(p) for p in head_parameters(model)}
-    body = [p for p in model.parameters() if id(p) not in head]
+    body = [p for p in model.parameters() if id(p) not in head and p.requires_grad]  # not --freeze-stages
     groups = [{"params": body, "lr": cfg.lr * cfg.backbone_lr_mult, "base_lr": cfg.lr * cfg.backbone_lr_mult},
               {"params": [p for p in model.parameters() if id(p) in head], "lr": cfg.lr, "base_lr": cfg.lr}]
     groups = [g for g in groups if g["params"]]
@@ -211,9 +211,60 @@ def build_criterion(cfg: TrainConfig, labels: torch.Tensor, num_classes: int, de
     return lambda logits, target: soft_cross_entropy(logits, target, w, cfg.label_smoothing)
 
 
-def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
-    """Freeze (or unfreeze) everything but the classifier head."""
+def set_backbone_frozen(model: nn.Module, frozen: bool, fixed: frozenset = frozenset()) -> None:
+    """Freeze (or unfreeze) everything but the classifier head; parameters whose id is in `fixed` stay frozen."""
     head = {id(p) for p in head_parameters(model)}
     for p in model.parameters():
         if id(p) not in head:
-            p.requires_grad_(not frozen)
+            p.requires_grad_(not frozen and id(p) not in fixed)
+
+
+def backbone_stages(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The input stem and the stages, in input order, of the architectures `--freeze-stages` knows; else ([], [])."""
+    if all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks")):  # timm EfficientNet(-Lite), MobileNet
+        return [model.conv_stem, model.bn1], list(model.blocks)
+    if all(hasattr(model, a) for a in ("conv1", "bn1", "layer1")):  # ResNet (torchvision, timm)
+        return [model.conv1, model.bn1], [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+    feats = getattr(model, "features", None)
+    if isinstance(feats, nn.Sequential) and type(model).__name__ in ("EfficientNet", "MobileNetV3"):  # torchvision
+        return [feats[0]], list(feats[1:-1])  # the last entry is the final 1x1 convolution
+    return [], []
+
+
+def _stay_in_eval(module: nn.Module, _args) -> None:
+    if module.training:  # model.train() switched it back: a fixed stage keeps its BatchNorm statistics
+        module.eval()
+
+
+def freeze_stages(model: nn.Module, n: int, name: str) -> frozenset:
+    """Keep the stem and the first `n` stages fixed for the whole run.
+
+    Their weights get no gradients (so the backward pass stops before them, which makes a step cheaper)
+    and their BatchNorm layers normalise with their running statistics in training too (a forward
+    pre-hook puts the stage back in eval mode whenever `model.train()` switched it); precise BN still
+    re-estimates those statistics, with the same fixed weights.
+
+    Args:
+        model: the model (unwrapped).
+        n: how many stages after the stem (0: nothing is frozen).
+        name: the model's registered name, for error messages.
+
+    Returns:
+        The ids of the frozen parameters (for `set_backbone_frozen` and the optimizer).
+    """
+    if n <= 0:
+        return frozenset()
+    stem, stages = backbone_stages(model)
+    if not stages:
+        raise CxrlabError(f"--freeze-stages {n}: model {name} has no stage layout cxrlab knows (EfficientNet, "
+                          f"EfficientNet-Lite, ResNet, MobileNetV3 have one); use --freeze-stages 0, or "
+                          f"--freeze-epochs to train only the head for the first epochs")
+    if n > len(stages):
+        raise CxrlabError(f"--freeze-stages {n}: model {name} has {len(stages)} stages; use 0 to {len(stages)}")
+    fixed = []
+    for module in stem + stages[:n]:
+        module.register_forward_pre_hook(_stay_in_eval)
+        for p in module.parameters():
+            p.requires_grad_(False)
+            fixed.append(id(p))
+    return frozenset(fixed)

@@ -121,6 +121,52 @@ def test_blur_is_a_normalised_gaussian_with_each_images_own_sigma():
     assert a.shape == (4, 1, 24, 24) and a.min() >= 0 and a.max() <= 255
 
 
+def test_sharpness_known_values_and_agreement_with_audit():
+    import numpy as np
+
+    from cxrlab.audit import sharpness
+    from cxrlab.data.augment import sharpness_batch
+
+    ramp = torch.arange(224.0).repeat(224, 1)  # +1 per column, constant down each column
+    check = (torch.arange(224).view(-1, 1) + torch.arange(224)) % 2 * 255.0  # checkerboard 0/255
+    assert sharpness_batch(torch.stack([ramp, check])).tolist() == pytest.approx([1.0, 510.0])
+    img = torch.randint(0, 256, (224, 224), dtype=torch.uint8)
+    assert sharpness_batch(img[None]).item() == pytest.approx(sharpness(img.numpy().astype(np.uint8)), rel=1e-5)
+
+
+def test_sharpness_matching_blur_brings_the_sharper_class_down_to_the_other():
+    from cxrlab.data.augment import gaussian_blur_batch, sharpness_batch, sharpness_matching_blur
+
+    g = torch.Generator().manual_seed(0)
+    base = gaussian_blur_batch(torch.rand(60, 1, 48, 48, generator=g) * 255, torch.full((60,), 0.7))
+    soft = gaussian_blur_batch(base[30:], torch.full((30,), 1.2))  # class 1: the same kind, blurred
+    images = torch.cat([base[:30], soft])[:, 0].round().to(torch.uint8)
+    labels = torch.tensor([0] * 30 + [1] * 30)
+    top, info = sharpness_matching_blur(images, labels, 3)  # class 2 has no images
+    assert info["median"][0] > 1.5 * info["median"][1] and 2 not in info["median"]
+    assert top[1] == 0.0 and top[2] == 0.0 and 0.5 < top[0] < 4
+    at_half = sharpness_batch(gaussian_blur_batch(images[:30, None].float(), torch.full((30,), top[0] / 2)))
+    assert at_half.median().item() == pytest.approx(info["median"][1], rel=0.02)
+    assert sharpness_matching_blur(images[:30], labels[:30], 2)[0] == ()  # one class: nothing to match
+
+
+def test_class_blur_blurs_only_the_classes_it_names():
+    from cxrlab.data.augment import sharpness_batch
+
+    imgs = torch.randint(0, 256, (6, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    off = dict(flip=0, rotation=0, translate=0, crop_scale_min=1.0, brightness=0, contrast=0)
+    out = augment_batch(imgs, AugmentConfig(**off, class_blur=(3.0, 0.0)), torch.Generator().manual_seed(0), labels)
+    assert (out[labels == 1, 0] - imgs[labels == 1].float()).abs().max() < 1e-3
+    assert sharpness_batch(out[labels == 0]).mean() < 0.9 * sharpness_batch(imgs[labels == 0]).mean()
+    with pytest.raises(ValueError, match="needs the batch's labels"):
+        augment_batch(imgs, AugmentConfig(**off, class_blur=(3.0, 0.0)), torch.Generator().manual_seed(0))
+    plain = AugmentConfig(blur=2.0)  # without class_blur the random draws are those of before
+    a = augment_batch(imgs, plain, torch.Generator().manual_seed(5))
+    b = augment_batch(imgs, plain, torch.Generator().manual_seed(5), labels)
+    assert torch.equal(a, b)
+
+
 def test_zoom_out_shrinks_the_whole_image_onto_a_black_frame():
     from cxrlab.data.augment import random_affine_matrices
 

@@ -131,3 +131,89 @@ def test_train_with_probe_head_starts_from_the_probe(synth_dir, tmp_path):
     assert "head initialised by a linear probe on" in log
     with pytest.raises(CxrlabError, match="--head-init must be random or probe"):
         TrainConfig(head_init="lp").validate()
+
+
+def test_freeze_stages_keeps_stem_and_early_stages_fixed_and_trains_the_rest(synth_dir, tmp_path):
+    """--freeze-stages 2 with --freeze-epochs 1: the fixed stages keep their weights and BatchNorm statistics
+    exactly (eval mode in training), while the stage after them and the head change; unfreezing after the
+    head-only epoch does not release them."""
+    from cxrlab.checkpoint import load_checkpoint
+    from cxrlab.config import TrainConfig
+    from cxrlab.train import fit
+    from cxrlab.training_setup import resolve_preprocess, setup_model
+
+    cfg = TrainConfig(data=str(synth_dir), out=str(tmp_path / "run"), model="efficientnet_lite0", img_size=48,
+                      epochs=2, batch_size=16, report=False, cache=False, workers=0, freeze_stages=2,
+                      freeze_epochs=1, precise_bn=0, lr=1e-3, amp="off")
+    fit(cfg, progress=False)
+    torch.manual_seed(cfg.seed)  # the run's initial weights
+    init, _, _ = setup_model(cfg, 3, resolve_preprocess(cfg), torch.device("cpu"))
+    start = init.state_dict()
+    trained = load_checkpoint(tmp_path / "run" / "last.pt")["state_dict"]
+    fixed = [k for k in start if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    free = [k for k in start if k.startswith("blocks.2.") and k.endswith(("weight", "running_var"))]
+    assert any(k.endswith("running_var") for k in fixed) and free
+    assert all(torch.equal(start[k], trained[k]) for k in fixed), [k for k in fixed if not torch.equal(start[k], trained[k])]
+    assert all(not torch.equal(start[k], trained[k]) for k in free)
+    assert not torch.equal(start["classifier.weight"], trained["classifier.weight"])
+    assert "first 2 stage(s) fixed" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_freeze_stages_leaves_fixed_weights_out_of_the_optimizer_and_explains_bad_values():
+    from cxrlab.config import TrainConfig
+    from cxrlab.training_setup import backbone_stages, build_optimizer, freeze_stages
+
+    cfg = TrainConfig(optimizer="adamw")
+    for name, n_stages in (("efficientnet_lite0", 7), ("resnet18", 4), ("efficientnet_b0", 7)):
+        model = create_model(name, num_classes=2)
+        assert len(backbone_stages(model)[1]) == n_stages, name
+        fixed = freeze_stages(model, 1, name)
+        stem, stages = backbone_stages(model)
+        expect = {id(p) for m in stem + stages[:1] for p in m.parameters()}
+        assert fixed == expect and expect
+        in_opt = {id(p) for g in build_optimizer(model, cfg).param_groups for p in g["params"]}
+        assert not in_opt & fixed and in_opt == {id(p) for p in model.parameters()} - fixed
+        model.train()
+        assert stages[0].training  # model.train() switched it on; the hook switches it off in forward
+        model(torch.randn(2, 3, 64, 64))
+        assert all(not m.training for m in stem + stages[:1]) and stages[1].training
+    assert freeze_stages(create_model("custom_cnn", num_classes=2), 0, "custom_cnn") == frozenset()
+    with pytest.raises(CxrlabError, match="custom_cnn has no stage layout.*--freeze-stages 0"):
+        freeze_stages(create_model("custom_cnn", num_classes=2), 1, "custom_cnn")
+    with pytest.raises(CxrlabError, match="efficientnet_lite0 has 7 stages; use 0 to 7"):
+        freeze_stages(create_model("efficientnet_lite0", num_classes=2), 8, "efficientnet_lite0")
+    with pytest.raises(CxrlabError, match="--freeze-stages must be >= 0"):
+        TrainConfig(freeze_stages=-1).validate()
+
+
+def test_model_args_reach_the_constructor_and_bad_ones_are_named(tmp_path):
+    import argparse
+
+    from cxrlab.commands.train import add_arguments, config_from_args, parse_model_args
+    from cxrlab.config import save_yaml, TrainConfig
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    save_yaml(TrainConfig(data="d", model_kwargs={"drop_rate": 0.5, "drop_path_rate": 0.3}), tmp_path / "c.yaml")
+    args = p.parse_args(["--config", str(tmp_path / "c.yaml"), "--model", "efficientnet_lite0",
+                         "--model-arg", "drop_path_rate=0.1", "--model-arg", "drop_rate=0.2"])
+    cfg = config_from_args(args)
+    assert cfg.model_kwargs == {"drop_rate": 0.2, "drop_path_rate": 0.1}  # command line over the file
+    model = create_model(cfg.model, num_classes=2, **cfg.model_kwargs)
+    assert model.drop_rate == 0.2 and type(model.blocks[1][0].drop_path).__name__ == "DropPath"
+    assert parse_model_args(["name=x", "n=3", "on=true"]) == {"name": "x", "n": 3, "on": True}
+    with pytest.raises(CxrlabError, match="--model-arg wants KEY=VALUE"):
+        parse_model_args(["0.1"])
+    with pytest.raises(CxrlabError, match=r"custom_cnn does not take the architecture argument\(s\) \['zz'\]"):
+        create_model("custom_cnn", num_classes=2, zz=1)
+
+
+def test_train_with_blur_match_logs_the_matched_classes(synth_dir, tmp_path):
+    from cxrlab.config import TrainConfig
+    from cxrlab.train import fit
+
+    cfg = TrainConfig(data=str(synth_dir), out=str(tmp_path / "run"), model="small_cnn", img_size=48, epochs=1,
+                      batch_size=16, report=False, cache=False, workers=0, aug_blur_match=True)
+    fit(cfg, progress=False)
+    line = [x for x in (tmp_path / "run" / "train.log").read_text().splitlines() if "sharpness matching" in x]
+    assert len(line) == 1 and "NORMAL" in line[0] and "TUBERCULOSIS" in line[0] and "extra blur up to" in line[0]

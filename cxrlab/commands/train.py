@@ -44,6 +44,9 @@ HELP = {
                   "--seed on the same train/validation split, e.g. ensemble members",
     "val_fraction": "share of train carved out as validation when there is no val/ split",
     "freeze_epochs": "train only the head for this many epochs first",
+    "freeze_stages": "keep the input stem and the first N stages of the pretrained backbone fixed for the whole run "
+                     "(EfficientNet: 7 stages, ResNet: 4, MobileNetV3: 11 blocks); training steps get cheaper, "
+                     "e.g. 1.8x with 3 on EfficientNet-Lite0 (0: train every layer)",
     "head_init": "random, or probe: fit the new head by logistic regression on the pretrained features before "
                  "fine-tuning (LP-FT)",
     "backbone_lr_mult": "learning-rate multiplier of the backbone (discriminative learning rates)",
@@ -52,6 +55,9 @@ HELP = {
     "sync_bn": "SyncBatchNorm in distributed runs",
     "aug_blur": "largest Gaussian blur sigma in pixels (each image draws one from [0, v]): takes away "
                 "sharpness shortcuts such as classes resized from different original sizes (0: off)",
+    "aug_blur_match": "blur the sharper classes' training images more (up to twice the blur that brings a class's "
+                      "median sharpness down to the least sharp class's), so that sharpness stops telling the "
+                      "classes apart (`cxrlab audit` reports such differences)",
     "aug_crop_scale_min": "smallest image area kept by the random resized crop (zoom in; 1: off)",
     "aug_crop_scale_max": "largest area factor: above 1 also zooms out onto a black frame, so framing "
                           "differences between sites stop being a cue (1: off)",
@@ -83,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=field_type(f), default=None, help=f"{HELP.get(f.name, '')} (default {default})")
     p.add_argument("--target-recall", action="append", default=[], metavar="CLASS=RECALL",
                    help="choose the decision threshold of CLASS on validation to reach RECALL (repeatable)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture argument passed to the model's constructor, e.g. drop_path_rate=0.1 or "
+                        "drop_rate=0.2 for timm models (repeatable; stored in the checkpoint)")
     p.add_argument("--config", help="YAML file of TrainConfig keys (command-line options override it)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun (DistributedDataParallel)")
@@ -105,6 +114,24 @@ def parse_target_recall(items: list[str]) -> dict[str, float]:
     return out
 
 
+def parse_model_args(items: list[str]) -> dict:
+    """`["drop_path_rate=0.1", ...]` -> {"drop_path_rate": 0.1} (values read as YAML scalars)."""
+    import yaml
+
+    from cxrlab.errors import CxrlabError
+
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise CxrlabError(f"--model-arg wants KEY=VALUE with KEY an argument name (e.g. drop_path_rate=0.1), got '{item}'")
+        try:
+            out[key] = yaml.safe_load(val)
+        except yaml.YAMLError:
+            out[key] = val
+    return out
+
+
 def config_from_args(args) -> "TrainConfig":
     """Merge: defaults < --config file < command-line options."""
     from cxrlab.config import TrainConfig, load_yaml
@@ -117,6 +144,7 @@ def config_from_args(args) -> "TrainConfig":
             d[f.name] = v
     recall = {**(d.get("target_recall") or {}), **parse_target_recall(args.target_recall)}
     d["target_recall"] = recall
+    d["model_kwargs"] = {**(d.get("model_kwargs") or {}), **parse_model_args(getattr(args, "model_arg", []) or [])}
     if not d.get("data"):
         raise CxrlabError("--data is required (a folder or a manifest CSV)")
     return TrainConfig.from_dict(d).validate()

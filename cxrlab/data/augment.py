@@ -35,6 +35,9 @@ class AugmentConfig:
             Sites differ in detector resolution and in how their images were resized; in the
             Kermany set the normals were scaled down from larger originals than the pneumonias and
             are sharper, a shortcut this takes away.
+        class_blur: per class (by index), the largest extra blur sigma for that class's images, drawn per
+            image from [0, v] and combined with `blur` (sigmas add in quadrature); empty: none. Set by
+            `sharpness_matching_blur` so that sharpness stops telling the classes apart (`--aug-blur-match`).
     """
 
     flip: float = 0.5
@@ -47,6 +50,7 @@ class AugmentConfig:
     noise: float = 0.0
     blur: float = 0.0
     crop_scale_max: float = 1.0
+    class_blur: tuple[float, ...] = ()
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -90,13 +94,71 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.transpose(0, 1)
 
 
-def augment_batch(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+def sharpness_batch(images: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean absolute difference between neighbouring pixels (vertical plus horizontal),
+    on the 0..255 scale: `cxrlab audit`'s sharpness, measured at the size the images have."""
+    x = images.float()
+    if x.ndim == 4:
+        x = x[:, 0]
+    return (x.diff(dim=1).abs().mean(dim=(1, 2)) + x.diff(dim=2).abs().mean(dim=(1, 2)))
+
+
+def sharpness_matching_blur(images: torch.Tensor, labels: torch.Tensor, num_classes: int, sample: int = 256,
+                            seed: int = 0) -> tuple[tuple[float, ...], dict]:
+    """Per-class extra blur that takes away sharpness as a cue for the class (`--aug-blur-match`).
+
+    When the classes come from differently sized originals, one class is sharper at the model's scale
+    and a network learns "sharp = that class" (measured on the Kermany set: misclassified test normals are
+    the less sharp ones). For every class sharper than the least sharp one, this finds by bisection the
+    Gaussian sigma s_c that brings the class's median sharpness down to the least sharp class's median; its
+    images then get an extra blur drawn from [0, 2 s_c] in training, so that the classes' sharpness ranges
+    overlap. Measured on up to `sample` images per class (seeded subset).
+
+    Args:
+        images: uint8 training images (N, H, W), as training sees them.
+        labels: class indices (N,).
+        num_classes: number of classes.
+        sample: images per class to measure.
+        seed: subset seed.
+
+    Returns:
+        (largest extra sigma per class, {"median": per-class median sharpness, "sigma": per-class s_c}).
+    """
+    g = torch.Generator().manual_seed(seed)
+    picks, medians = {}, {}
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        idx = idx[torch.randperm(len(idx), generator=g)[:sample]]
+        picks[c] = images[idx].float().unsqueeze(1)
+        medians[c] = float(sharpness_batch(picks[c]).median())
+    if len(medians) < 2:
+        return (), {"median": medians, "sigma": {}}
+    target = min(medians.values())
+    sigma = {}
+    for c, x in picks.items():
+        if medians[c] <= target * 1.02:
+            sigma[c] = 0.0
+            continue
+        lo, hi = 0.0, 6.0
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            blurred = gaussian_blur_batch(x, torch.full((len(x),), mid))
+            lo, hi = (mid, hi) if float(sharpness_batch(blurred).median()) > target else (lo, mid)
+        sigma[c] = (lo + hi) / 2
+    return tuple(2 * sigma.get(c, 0.0) for c in range(num_classes)), {"median": medians, "sigma": sigma}
+
+
+def augment_batch(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
+                  labels: torch.Tensor | None = None) -> torch.Tensor:
     """Augment a batch of grayscale images.
 
     Args:
         batch: uint8 (B, H, W) or (B, 1, H, W) tensor, on any device.
         cfg: strengths.
         g: CPU generator (the random draws are made on the CPU so results match across devices).
+        labels: class indices (B,), needed only for `cfg.class_blur`.
 
     Returns:
         float tensor (B, 1, H, W) on the 0..255 scale, same device.
@@ -108,8 +170,14 @@ def augment_batch(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -
     theta = random_affine_matrices(n, cfg, g).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if cfg.blur > 0:
-        x = gaussian_blur_batch(x, _uniform(n, 0.0, cfg.blur, g))
+    if cfg.blur > 0 or any(cfg.class_blur):
+        sigma = _uniform(n, 0.0, cfg.blur, g) if cfg.blur > 0 else torch.zeros(n)
+        if any(cfg.class_blur):
+            if labels is None:
+                raise ValueError("AugmentConfig.class_blur needs the batch's labels")
+            top = torch.tensor(cfg.class_blur, dtype=torch.float32)[labels.cpu()]
+            sigma = torch.sqrt(sigma**2 + (top * torch.rand(n, generator=g)) ** 2)
+        x = gaussian_blur_batch(x, sigma)
     b = _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, g).to(x.device).view(n, 1, 1, 1)
     c = _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, g).to(x.device).view(n, 1, 1, 1)
     x = x * b

@@ -112,7 +112,13 @@ def create_model(name: str, num_classes: int, in_chans: int | None = None, pretr
     in_chans = spec.in_chans if in_chans is None else int(in_chans)
     if num_classes < 2:
         raise CxrlabError(f"num_classes must be >= 2, got {num_classes}")
-    model = spec.builder(num_classes=num_classes, in_chans=in_chans, pretrained=pretrained and not weights, **kwargs)
+    try:
+        model = spec.builder(num_classes=num_classes, in_chans=in_chans, pretrained=pretrained and not weights, **kwargs)
+    except TypeError as exc:
+        if not kwargs or "argument" not in str(exc):
+            raise
+        raise CxrlabError(f"model {name} does not take the architecture argument(s) {sorted(kwargs)} ({exc}); "
+                          f"fix or remove them (--model-arg, or model_kwargs in the config file)") from None
     if weights:
         from cxrlab.models.weights import load_local_weights
 
