@@ -79,9 +79,10 @@ def _overrides(items: list[str]) -> dict:
             out[key] = value.lower() in ("1", "true", "yes", "on")
             continue
         if key in ("model_kwargs", "target_recall"):  # --set model_kwargs=drop_path_rate:0.1,drop_rate:0.2
-            from cxrlab.commands.train import parse_model_args
+            from cxrlab.commands.train import parse_model_args, parse_target_recall
 
-            out[key] = parse_model_args([kv.replace(":", "=", 1) for kv in value.split(",") if kv])
+            parse = parse_model_args if key == "model_kwargs" else parse_target_recall  # the CLI's own checks
+            out[key] = parse([kv.replace(":", "=", 1) for kv in value.split(",") if kv])
             continue
         try:
             out[key] = field_type(fields[key])(value)

@@ -144,7 +144,7 @@ def config_from_args(args) -> "TrainConfig":
             d[f.name] = v
     recall = {**(d.get("target_recall") or {}), **parse_target_recall(args.target_recall)}
     d["target_recall"] = recall
-    d["model_kwargs"] = {**(d.get("model_kwargs") or {}), **parse_model_args(getattr(args, "model_arg", []) or [])}
+    d["model_kwargs"] = {**(d.get("model_kwargs") or {}), **parse_model_args(args.model_arg)}
     if not d.get("data"):
         raise CxrlabError("--data is required (a folder or a manifest CSV)")
     return TrainConfig.from_dict(d).validate()

@@ -169,11 +169,8 @@ def build_lite(index: int, num_classes: int, in_chans: int = 3, pretrained: bool
         if path is None:
             log.info("%s not installed; trying timm's hub", variant.package)
             return _timm_hub(variant, num_classes, in_chans, **kwargs)
-    try:
-        model = timm.create_model(variant.timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                  **kwargs)
-    except TypeError as exc:
-        raise CxrlabError(f"{variant.name} does not accept {sorted(kwargs)}: {exc}") from exc
+    model = timm.create_model(variant.timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                              **kwargs)  # a wrong architecture argument: create_model names it
     if pretrained:
         load_local_weights(model, path, in_chans=in_chans)
     return model

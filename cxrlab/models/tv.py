@@ -59,8 +59,6 @@ def _builder(tv_name: str, head: str):
         except (OSError, RuntimeError) as exc:  # URLError is an OSError
             raise CxrlabError(f"could not get ImageNet weights for {tv_name} ({exc}). Offline? Download them "
                               f"elsewhere and pass --weights FILE") from exc
-        except TypeError as exc:
-            raise CxrlabError(f"{tv_name} does not accept {sorted(kwargs)}: {exc}") from exc
         _replace_head(model, head, num_classes)
         adapt_first_conv(model, in_chans)
         return model
