@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -317,8 +318,10 @@ class Run:
         self.loop_start = t.t0
         if cfg.head_init == "probe" and self.start_epoch == 1:
             self._probe_head()  # inside the time budget
-        # the budget is fitted on the first epoch that trains the whole network (frozen epochs are cheaper)
-        fit_epoch = max(self.start_epoch, cfg.freeze_epochs + 1)
+        # the budget is fitted on the epochs that train the whole network (frozen epochs are cheaper), and
+        # re-fitted after each: the median full epoch, so a slow first one (cold page cache, warm-up) does not
+        # set the schedule's length for the whole run
+        fit_epoch, full_epochs = max(self.start_epoch, cfg.freeze_epochs + 1), []
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             epoch_t0 = t()
             row = self.run_epoch(epoch)
@@ -336,8 +339,9 @@ class Run:
                 log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)", cfg.monitor,
                          cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
                 break
-            if epoch == fit_epoch:
-                self._fit_cosine_to_budget(epoch, t(), t() - epoch_t0)
+            if epoch >= fit_epoch and not self.cut_short:
+                full_epochs.append(t() - epoch_t0)
+                self._fit_cosine_to_budget(epoch, t(), statistics.median(full_epochs))
             next_epoch_s = max(t() / (epoch - self.start_epoch + 1), t() - epoch_t0)
             if cfg.time_budget_min and (self.cut_short or self._rank0_says(
                     t() + next_epoch_s > cfg.time_budget_min * 60)):
@@ -397,16 +401,23 @@ class Run:
         Args:
             epoch: the epoch just finished.
             elapsed_s: seconds since the loop started.
-            epoch_s: what the epoch just finished cost (what one more is expected to cost).
+            epoch_s: what one more epoch is expected to cost (the median of the full epochs so far).
+
+        Called after every full epoch: the schedule's end moves when the estimate does. PyTorch's cosine
+        steps are relative (each multiplies the distance to the minimum by a ratio of cosines), so moving
+        T_max bends the curve from the current learning rate: it never jumps and still ends at the minimum.
         """
         cfg = self.cfg
         if not cfg.time_budget_min or not isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
             return
         fit = int(self._rank0_value(epoch + max(0.0, cfg.time_budget_min * 60 - elapsed_s) // max(epoch_s, 1e-9)))
-        if fit < cfg.epochs:
-            self.scheduler.T_max = max(1, fit - cfg.warmup_epochs)
-            log.info("time budget: about %d of %d epochs fit in %.1f min; cosine schedule shortened to end at epoch %d",
-                     fit, cfg.epochs, cfg.time_budget_min, fit)
+        fit = min(fit, cfg.epochs)
+        t_max = max(1, self.scheduler.last_epoch, fit - cfg.warmup_epochs)  # never behind the steps already taken
+        if t_max == self.scheduler.T_max:
+            return
+        self.scheduler.T_max = t_max
+        log.info("time budget: about %d of %d epochs fit in %.1f min (%.0f s an epoch); cosine schedule ends at epoch %d",
+                 fit, cfg.epochs, cfg.time_budget_min, epoch_s, t_max + cfg.warmup_epochs)
 
     def _rank0_says(self, flag: bool) -> bool:
         """Rank 0's decision on every rank (clocks differ between processes; all must stop together)."""

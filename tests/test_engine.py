@@ -269,6 +269,40 @@ def test_cosine_schedule_is_fitted_to_the_time_budget():
     assert frozen.scheduler.T_max == 3  # ends at epoch 4 (= 1 warm-up + 3)
 
 
+def test_time_budget_is_refitted_after_a_slow_first_epoch():
+    """A cold first epoch (15 s, then 5 s each) first fits the schedule short; the re-fits on the median epoch
+    move its end out to the 10 configured epochs, the learning rate never rises and ends at the minimum."""
+    import statistics
+
+    from cxrlab.config import TrainConfig
+    from cxrlab.engine import DistInfo
+    from cxrlab.train import Run
+    from cxrlab.training_setup import build_scheduler
+
+    run = Run.__new__(Run)
+    run.cfg = TrainConfig(data="x", epochs=10, warmup_epochs=1, scheduler="cosine", time_budget_min=1.0, lr=0.1)
+    run.dist = DistInfo()
+    run.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    run.scheduler = build_scheduler(run.optimizer, run.cfg)
+    times, elapsed, ends, lrs = [], 0.0, [], []
+    for epoch, seconds in enumerate([15.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0], start=1):
+        run._schedule(epoch, {})  # what run_epoch does at the end of the epoch
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        elapsed += seconds
+        times.append(seconds)
+        run._fit_cosine_to_budget(epoch, elapsed, statistics.median(times))
+        ends.append(run.scheduler.T_max + 1)
+    # 45 s left after 15 s -> ends at 4; median 10 s, 40 s left -> 6; median 5 s -> the 10 configured epochs
+    assert ends[:3] == [4, 6, 10] and ends[-1] == 10
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:]))  # moving the end never raises the learning rate
+    run._schedule(10, {})
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    # an estimate that shrinks below the steps already taken stops the schedule where it is, never behind it
+    run.scheduler.T_max = 20
+    run._fit_cosine_to_budget(9, 59.9, 5.0)  # fits 9 epochs = 8 cosine steps, but 9 were taken
+    assert run.scheduler.T_max == run.scheduler.last_epoch == 9
+
+
 def test_js_divergence_known_values():
     from cxrlab.engine import js_divergence
 
