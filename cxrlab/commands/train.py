@@ -38,7 +38,7 @@ HELP = {
     "cam_images": "how many fixed validation images get overlays",
     "cam_method": "gradcam, gradcam++, xgradcam, eigencam, ...",
     "allow_leakage": "train even when val/test images are copies of training images",
-    "time_budget_min": "stop before this many minutes of training have passed",
+    "time_budget_min": "stop before this many minutes of training have passed (a cosine schedule is fitted to end then)",
     "group_regex": "regex whose first group on the file name is the patient id (grouped validation split)",
     "split_seed": "seed of the validation carve (default: --seed); keep it fixed to train models with different "
                   "--seed on the same train/validation split, e.g. ensemble members",
