@@ -258,7 +258,7 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
         x = to_model_input(x, spec.mean, spec.std, spec.in_chans)
         if spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = data.labels[idx].to(device)
+        y = labels.to(device)
         if step.consistency:
             ym = F.one_hot(y, step.num_classes).float()
             with autocast_context(device, step.amp):

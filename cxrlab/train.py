@@ -339,10 +339,11 @@ class Run:
                 log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)", cfg.monitor,
                          cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
                 break
+            epoch_s = t() - epoch_t0
             if epoch >= fit_epoch and not self.cut_short:
-                full_epochs.append(t() - epoch_t0)
+                full_epochs.append(epoch_s)
                 self._fit_cosine_to_budget(epoch, t(), statistics.median(full_epochs))
-            next_epoch_s = max(t() / (epoch - self.start_epoch + 1), t() - epoch_t0)
+            next_epoch_s = max(t() / (epoch - self.start_epoch + 1), epoch_s)
             if cfg.time_budget_min and (self.cut_short or self._rank0_says(
                     t() + next_epoch_s > cfg.time_budget_min * 60)):
                 log.info("time budget of %.1f min reached after epoch %d", cfg.time_budget_min, epoch)

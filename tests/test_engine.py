@@ -234,22 +234,24 @@ def test_weight_ema_follows_the_warmed_up_decay():
         TrainConfig(data="x", ema=1.0).validate()
 
 
-def test_cosine_schedule_is_fitted_to_the_time_budget():
+def _budget_run():
+    """A Run with just what the budget fit needs: 10 epochs, 1 warm-up, cosine from lr 0.1, a 60 s budget."""
     from cxrlab.config import TrainConfig
     from cxrlab.engine import DistInfo
     from cxrlab.train import Run
     from cxrlab.training_setup import build_scheduler
 
-    def fresh() -> Run:
-        run = Run.__new__(Run)
-        run.cfg = TrainConfig(data="x", epochs=10, warmup_epochs=1, scheduler="cosine", time_budget_min=1.0, lr=0.1)
-        run.dist = DistInfo()
-        run.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-        run.scheduler = build_scheduler(run.optimizer, run.cfg)
-        return run
+    run = Run.__new__(Run)
+    run.cfg = TrainConfig(data="x", epochs=10, warmup_epochs=1, scheduler="cosine", time_budget_min=1.0, lr=0.1)
+    run.dist = DistInfo()
+    run.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    run.scheduler = build_scheduler(run.optimizer, run.cfg)
+    return run
 
-    def run_after_first_epoch(seconds: float) -> Run:
-        run = fresh()
+
+def test_cosine_schedule_is_fitted_to_the_time_budget():
+    def run_after_first_epoch(seconds: float):
+        run = _budget_run()
         run._fit_cosine_to_budget(1, seconds, seconds)
         return run
 
@@ -264,7 +266,7 @@ def test_cosine_schedule_is_fitted_to_the_time_budget():
     assert run_after_first_epoch(5.0).scheduler.T_max == 9  # 12 epochs would fit: the configured 10 stand
     # with 2 frozen epochs the fit is made after epoch 3, on that epoch's own (full) cost: 60 s budget, 30 s
     # gone (two cheap frozen epochs of 5 s and a full one of 20 s) -> 1 more full epoch fits, ending at epoch 4
-    frozen = fresh()
+    frozen = _budget_run()
     frozen._fit_cosine_to_budget(3, 30.0, 20.0)
     assert frozen.scheduler.T_max == 3  # ends at epoch 4 (= 1 warm-up + 3)
 
@@ -274,16 +276,7 @@ def test_time_budget_is_refitted_after_a_slow_first_epoch():
     move its end out to the 10 configured epochs, the learning rate never rises and ends at the minimum."""
     import statistics
 
-    from cxrlab.config import TrainConfig
-    from cxrlab.engine import DistInfo
-    from cxrlab.train import Run
-    from cxrlab.training_setup import build_scheduler
-
-    run = Run.__new__(Run)
-    run.cfg = TrainConfig(data="x", epochs=10, warmup_epochs=1, scheduler="cosine", time_budget_min=1.0, lr=0.1)
-    run.dist = DistInfo()
-    run.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    run.scheduler = build_scheduler(run.optimizer, run.cfg)
+    run = _budget_run()
     times, elapsed, ends, lrs = [], 0.0, [], []
     for epoch, seconds in enumerate([15.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0], start=1):
         run._schedule(epoch, {})  # what run_epoch does at the end of the epoch
