@@ -32,7 +32,8 @@ RECIPES = {
     # Pretrained EfficientNet-Lite0 fine-tuned with what tends to generalise across sites: histogram
     # equalisation, strong photometric augmentation, random blur (sites and resizing differ in sharpness),
     # class weights, label smoothing, a gentler learning rate for the pretrained backbone, bf16 autocast on
-    # CPU (depthwise layers stay fp32), an EMA of the weights, and a cosine schedule that the time budget
+    # CPUs with native bf16 (depthwise layers stay fp32; fp32 on CPUs without it, where bf16 would be
+    # emulated and 6x slower), an EMA of the weights, and a cosine schedule that the time budget
     # shortens to the epochs that fit. The head starts as a linear probe on the pretrained features (LP-FT),
     # so the first steps do not distort them (docs/BENCHMARKS.md: three-seed mean 0.936 / 0.977 against 0.925 /
     # 0.968 on the Kermany test, TB recall 0.978 -> 0.989 on cxr3, fewer flips under cxrlab stress).
@@ -49,7 +50,8 @@ RECIPES = {
                         select="last", amp="bf16"),
     # The two reference designs with their own defaults (design 1: Adam 1e-3, plateau, 224 px;
     # design 2: class weights, best by validation AUC).
-    # Both in bf16 autocast on CPU (design 1 asks for mixed precision; about 2x faster on CPUs with bf16).
+    # Both in bf16 autocast on CPU (design 1 asks for mixed precision; about 2x faster on CPUs with native
+    # bf16; fp32 on CPUs without it).
     "chestxray_cnn": dict(model="chestxray_cnn", img_size=224, epochs=50, batch_size=32, early_stop=10, amp="bf16"),
     "custom_cnn": dict(model="custom_cnn", img_size=224, epochs=50, batch_size=32, class_weights=True,
                        monitor="val_auc", early_stop=10, amp="bf16"),

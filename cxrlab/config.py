@@ -31,6 +31,7 @@ class TrainConfig:
     in_chans: int | None = None
     img_size: int | None = None
     equalize: bool = False
+    clahe: float = 0.0
     crop_border: float = 0.0
     epochs: int = 50
     batch_size: int = 64
@@ -110,6 +111,9 @@ class TrainConfig:
             (self.scheduler in ("plateau", "cosine", "none"), f"--scheduler must be plateau, cosine or none, got {self.scheduler}"),
             (self.amp in ("auto", "off", "fp16", "bf16"), f"--amp must be auto, off, fp16 or bf16, got {self.amp}"),
             (self.img_size is None or 16 <= self.img_size <= 2048, f"--img-size must be 16..2048, got {self.img_size}"),
+            (0 <= self.clahe <= 40, f"--clahe is a clip limit in [0, 40] such as 2.0 (0: off), got {self.clahe}"),
+            (not (self.equalize and self.clahe),
+             "--equalize and --clahe both equalise contrast (globally / region by region): choose one"),
             (0 <= self.crop_border < 0.45, f"--crop-border must be in [0, 0.45), got {self.crop_border}"),
             (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
             (0 < self.aug_crop_scale_min <= 1, f"--aug-crop-scale-min is an area fraction in (0, 1], got {self.aug_crop_scale_min}"),

@@ -147,7 +147,7 @@ class EnsembleBundle(ModelBundle):
         """Log averaged probabilities for uint8 images (N, S, S) preprocessed with the first member's preset.
 
         Members with another image size get the arrays resized (antialiased bilinear); a member whose
-        preset differs otherwise (equalize, crop_border) needs the files: use `logits_for_files`.
+        preset differs otherwise (equalize, clahe, crop_border) needs the files: use `logits_for_files`.
         """
         t = torch.as_tensor(np.asarray(images))
         outs = [b.logits_for_arrays(self._adapt(t, b), tta=tta, batch_size=batch_size) for b in self.members]
@@ -156,8 +156,8 @@ class EnsembleBundle(ModelBundle):
     def _adapt(self, images: torch.Tensor, member: ModelBundle) -> torch.Tensor:
         if member.pre == self.pre:
             return images
-        if (member.pre.equalize, member.pre.crop_border) != (self.pre.equalize, self.pre.crop_border):
-            raise CxrlabError("ensemble members use different preprocessing (equalize/crop_border): arrays decoded "
+        if not self.pre.same_pixels_at(member.pre):
+            raise CxrlabError("ensemble members use different preprocessing (equalize/clahe/crop_border): arrays decoded "
                               "for the first member do not fit them; predict from files instead")
         s = member.pre.img_size
         x = torch.nn.functional.interpolate(images[:, None].float(), size=(s, s), mode="bilinear",

@@ -28,7 +28,8 @@ from cxrlab.data.augment import AugmentConfig
 from cxrlab.data.dataset import DataIndex, build_index
 from cxrlab.data.preprocess import Preprocess
 from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepConfig, Timer, average_buffers,
-                           epoch_metrics, predict_logits, recalibrate_batchnorm, train_one_epoch, weight_ema)
+                           epoch_metrics, predict_logits, recalibrate_batchnorm, resolve_amp, train_one_epoch,
+                           weight_ema)
 from cxrlab.errors import CxrlabError
 from cxrlab.training_setup import (build_criterion, build_optimizer, build_scheduler, init_distributed,
                                    freeze_stages, resolve_device, set_backbone_frozen, setup_model)
@@ -166,8 +167,10 @@ class Run:
         torch.manual_seed(cfg.seed)  # same initial weights for a given seed, whatever the world size
         self.model, self.spec, self.model_kwargs = setup_model(cfg, len(names), self.pre, self.device)
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("model %s: %.2fM parameters, input %d px x %d channel(s), device %s, world size %d",
-                 cfg.model, n_params / 1e6, self.pre.img_size, self.spec.in_chans, self.device, self.dist.world)
+        self.amp = resolve_amp(cfg.amp, self.device)  # the precision used: a CPU without native bf16 trains in fp32
+        log.info("model %s: %.2fM parameters, input %d px x %d channel(s), device %s, %s, world size %d",
+                 cfg.model, n_params / 1e6, self.pre.img_size, self.spec.in_chans, self.device,
+                 {"off": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[self.amp], self.dist.world)
         self.fixed = freeze_stages(self.model, cfg.freeze_stages, cfg.model)
         if self.fixed:
             n_fixed = sum(p.numel() for p in self.model.parameters() if id(p) in self.fixed)
@@ -183,7 +186,7 @@ class Run:
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.criterion = build_criterion(cfg, self.splits["train"].arrays.labels, len(names), self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and cfg.amp in ("auto", "fp16") else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and self.amp == "fp16" else None
         self.stopper = EarlyStopping(cfg.monitor, cfg.early_stop)
         self.ema = weight_ema(self.model, cfg.ema) if cfg.ema else None
         self.start_epoch = 1
@@ -256,7 +259,7 @@ class Run:
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout and other module randomness
         train = self.splits["train"].arrays
         step = StepConfig(cfg.batch_size, cfg.seed, epoch, len(self.index.class_names), self.augment, cfg.sampler,
-                          cfg.mixup, cfg.cutmix, cfg.amp, cfg.grad_accum, self.progress, cfg.consistency)
+                          cfg.mixup, cfg.cutmix, self.amp, cfg.grad_accum, self.progress, cfg.consistency)
         micro = max(1, cfg.batch_size // (self.dist.world * cfg.grad_accum))
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
         on_step = (lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None
@@ -269,10 +272,10 @@ class Run:
                      tr["batches"], n_batches)
         if cfg.precise_bn:
             recalibrate_batchnorm(self.eval_model, train.images, self.spec, self.device, n=cfg.precise_bn,
-                                  seed=cfg.seed + epoch, amp=cfg.amp)
+                                  seed=cfg.seed + epoch, amp=self.amp)
         average_buffers(self.eval_model, self.dist)
         val = self.splits["val"].arrays
-        logits = predict_logits(self.eval_model, val.images, self.spec, self.device, amp=cfg.amp, dist=self.dist)
+        logits = predict_logits(self.eval_model, val.images, self.spec, self.device, amp=self.amp, dist=self.dist)
         vm = epoch_metrics(logits, val.labels.numpy())
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": vm["loss"],
                "val_acc": vm["acc"], "val_auc": vm["auc"], "lr": self._lr(), "seconds": t()}
@@ -318,10 +321,8 @@ class Run:
         self.loop_start = t.t0
         if cfg.head_init == "probe" and self.start_epoch == 1:
             self._probe_head()  # inside the time budget
-        # the budget is fitted on the epochs that train the whole network (frozen epochs are cheaper), and
-        # re-fitted after each: the median full epoch, so a slow first one (cold page cache, warm-up) does not
-        # set the schedule's length for the whole run
-        fit_epoch, full_epochs = max(self.start_epoch, cfg.freeze_epochs + 1), []
+        # the budget is fitted on the epochs that train the whole network (frozen epochs are cheaper)
+        fit_epoch, self.full_epochs = max(self.start_epoch, cfg.freeze_epochs + 1), []
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             epoch_t0 = t()
             row = self.run_epoch(epoch)
@@ -339,13 +340,7 @@ class Run:
                 log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)", cfg.monitor,
                          cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
                 break
-            epoch_s = t() - epoch_t0
-            if epoch >= fit_epoch and not self.cut_short:
-                full_epochs.append(epoch_s)
-                self._fit_cosine_to_budget(epoch, t(), statistics.median(full_epochs))
-            next_epoch_s = max(t() / (epoch - self.start_epoch + 1), epoch_s)
-            if cfg.time_budget_min and (self.cut_short or self._rank0_says(
-                    t() + next_epoch_s > cfg.time_budget_min * 60)):
+            if self._budget_after_epoch(epoch, t(), t() - epoch_t0, full=epoch >= fit_epoch and not self.cut_short):
                 log.info("time budget of %.1f min reached after epoch %d", cfg.time_budget_min, epoch)
                 break
 
@@ -369,9 +364,9 @@ class Run:
         train, t = self.splits["train"].arrays, Timer()
         # features as training will see them: BatchNorm statistics of these radiographs, not ImageNet's
         recalibrate_batchnorm(self.model, train.images, self.spec, self.device, n=self.cfg.precise_bn or 1024,
-                              seed=self.cfg.seed, amp=self.cfg.amp)
+                              seed=self.cfg.seed, amp=self.amp)
         info = probe_head(self.model, train.images, train.labels, self.spec, self.device,
-                          balanced=self.cfg.class_weights, amp=self.cfg.amp, seed=self.cfg.seed)
+                          balanced=self.cfg.class_weights, amp=self.amp, seed=self.cfg.seed)
         if self.dist.world > 1:
             for p in self.model.parameters():
                 torch.distributed.broadcast(p.data, src=0)
@@ -395,6 +390,29 @@ class Run:
             return now + per_image * n_eval / 3 > deadline
         return stop
 
+    def _budget_after_epoch(self, epoch: int, elapsed_s: float, epoch_s: float, full: bool) -> bool:
+        """With --time-budget-min: re-fit the cosine schedule after a full epoch and say whether to stop.
+
+        One estimate of the next epoch's cost serves both, so the run stops where the schedule ends: the
+        median of the full epochs so far (a slow first epoch, from a cold page cache or decoding, does not
+        set the pace of the whole run), or the epoch just finished when that was slower (the machine got
+        busier). An epoch that the mid-epoch guard cut short always ends the run.
+
+        Args:
+            epoch: the epoch just finished.
+            elapsed_s: seconds since the loop started (the linear probe and decoding included).
+            epoch_s: what this epoch took, validation included.
+            full: whether it trained the whole network to the end (not frozen, not cut short).
+        """
+        if not self.cfg.time_budget_min:
+            return False
+        if full:
+            self.full_epochs.append(epoch_s)
+        next_s = max(statistics.median(self.full_epochs), epoch_s) if self.full_epochs else epoch_s
+        if full:
+            self._fit_cosine_to_budget(epoch, elapsed_s, next_s)
+        return self.cut_short or self._rank0_says(elapsed_s + next_s > self.cfg.time_budget_min * 60)
+
     def _fit_cosine_to_budget(self, epoch: int, elapsed_s: float, epoch_s: float) -> None:
         """With --time-budget-min, shorten a cosine schedule to the epochs that fit, so the learning
         rate reaches its minimum when the budget ends instead of being cut off half-way.
@@ -402,7 +420,7 @@ class Run:
         Args:
             epoch: the epoch just finished.
             elapsed_s: seconds since the loop started.
-            epoch_s: what one more epoch is expected to cost (the median of the full epochs so far).
+            epoch_s: what one more epoch is expected to cost (see `_budget_after_epoch`).
 
         Called after every full epoch: the schedule's end moves when the estimate does. PyTorch's cosine
         steps are relative (each multiplies the distance to the minimum by a ratio of cosines), so moving

@@ -72,7 +72,8 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
 def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
     """The preprocessing preset of a run (image size defaults to the model's own)."""
     spec = model_spec(cfg.model)
-    return Preprocess(img_size=cfg.img_size or spec.img_size, equalize=cfg.equalize, crop_border=cfg.crop_border)
+    return Preprocess(img_size=cfg.img_size or spec.img_size, equalize=cfg.equalize, crop_border=cfg.crop_border,
+                      clahe=cfg.clahe)
 
 
 def setup_model(cfg: TrainConfig, num_classes: int, pre: Preprocess, device: torch.device) -> tuple[nn.Module, InputSpec, dict]:

@@ -177,3 +177,16 @@ def test_select_last_keeps_the_final_epoch_and_best_the_monitored_one(synth_dir,
     assert all(torch.equal(kept["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
     with pytest.raises(CxrlabError, match="--select must be best or last"):
         TrainConfig(data=str(synth_dir), select="final").validate()
+
+
+def test_bf16_on_a_cpu_without_it_trains_in_fp32_and_says_so(synth_dir, tmp_path, monkeypatch):
+    from cxrlab import engine
+    from cxrlab.config import TrainConfig
+    from cxrlab.train import fit
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    out = tmp_path / "bf16"
+    fit(TrainConfig(data=str(synth_dir), out=str(out), model="custom_cnn", img_size=32, batch_size=8, epochs=1,
+                    amp="bf16", report=False, cache=False, workers=0), progress=False)
+    log = (out / "train.log").read_text()
+    assert "--amp bf16: this CPU has no native bf16" in log and "device cpu, fp32," in log

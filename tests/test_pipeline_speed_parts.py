@@ -128,9 +128,64 @@ class MeanModel(torch.nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def test_train_and_predict_see_identical_preprocessing(tmp_path):
+def _local_std(a: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> float:
+    return float(a[y0:y1, x0:x1].astype(np.float64).std())
+
+
+def test_clahe_raises_local_contrast_within_its_clip_limit():
+    """A faint texture (+-4 grey levels) in a dark corner of a bright film: CLAHE stretches it, more with a
+    higher clip limit, but the limit bounds the stretch; global equalisation, one curve for the whole image,
+    spreads that narrow histogram (noise included) over half the grey scale."""
+    rng = np.random.default_rng(0)
+    img = np.full((256, 256), 200, np.uint8)
+    img[:128, :128] = 40 + rng.integers(-4, 5, (128, 128))
+    img[128:, 128:] = 200 + rng.integers(-20, 21, (128, 128))
+    corner = (8, 120, 8, 120)  # inside the textured quarter, away from its edges
+    base = _local_std(img, *corner)
+    stds = {c: _local_std(load_array_from(img, Preprocess(img_size=256, clahe=c)), *corner) for c in (1.0, 2.0, 4.0)}
+    hist = _local_std(load_array_from(img, Preprocess(img_size=256, equalize=True)), *corner)
+    assert base < stds[1.0] < stds[2.0] < stds[4.0]
+    assert stds[4.0] < hist
+    # the bright quarter keeps its order of grey levels: CLAHE maps monotonically within each tile
+    out = load_array_from(img, Preprocess(img_size=256, clahe=2.0))
+    assert np.corrcoef(out[136:248, 136:248].ravel(), img[136:248, 136:248].ravel())[0, 1] > 0.95
+
+
+def load_array_from(gray: np.ndarray, pre: Preprocess) -> np.ndarray:
+    from cxrlab.data.preprocess import prepare_array
+
+    return prepare_array(gray, pre)
+
+
+def test_clahe_preset_round_trips_and_leaves_other_cache_keys_alone():
+    import hashlib
+    import json
+
+    pre = Preprocess(img_size=64, clahe=2.5, crop_border=0.05)
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+    assert settings_key(pre) != settings_key(Preprocess(img_size=64, clahe=3.0, crop_border=0.05))
+    # presets without CLAHE hash exactly as before the option existed, so their caches stay valid
+    old = {"img_size": 32, "equalize": False, "crop_border": 0.0, "version": 1}
+    assert settings_key(PRE) == hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert Preprocess.from_dict(old) == PRE  # checkpoints written before it load with CLAHE off
+    assert pre.same_pixels_at(Preprocess(img_size=128, clahe=2.5, crop_border=0.05))
+    assert not pre.same_pixels_at(Preprocess(img_size=64, crop_border=0.05))
+
+
+def test_clahe_and_equalize_together_are_refused():
+    from cxrlab.config import TrainConfig
+    from cxrlab.errors import CxrlabError
+
+    with pytest.raises(CxrlabError, match="--equalize and --clahe both equalise contrast.*choose one"):
+        TrainConfig(data="x", equalize=True, clahe=2.0).validate()
+    with pytest.raises(CxrlabError, match="--clahe is a clip limit"):
+        TrainConfig(data="x", clahe=-1.0).validate()
+
+
+@pytest.mark.parametrize("pre", [Preprocess(img_size=32, equalize=True, crop_border=0.05),
+                                 Preprocess(img_size=32, clahe=2.0, crop_border=0.05)], ids=["equalize", "clahe"])
+def test_train_and_predict_see_identical_preprocessing(tmp_path, pre):
     paths = write_images(tmp_path, n=3, size=60)
-    pre = Preprocess(img_size=32, equalize=True, crop_border=0.05)
     spec = InputSpec([0.5], [0.25], 1)
     bundle = ModelBundle({"class_names": ["A"]}, MeanModel(), pre, spec, torch.device("cpu"))
     seen = []

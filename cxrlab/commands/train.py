@@ -19,6 +19,8 @@ HELP = {
     "weights": "start from a local weights file (offline machines)",
     "img_size": "square input size in pixels (default: the model's own)",
     "equalize": "histogram-equalise every radiograph (evens out exposure between sites)",
+    "clahe": "contrast-limited adaptive histogram equalisation with this clip limit (e.g. 2.0; 0: off): "
+             "evens out contrast region by region (instead of --equalize, which uses one curve per image)",
     "crop_border": "fraction trimmed from each side before resizing (borders, text markers)",
     "monitor": "metric that picks best.pt (--select best) and drives the scheduler and early stopping: val_loss, val_acc, val_auc",
     "select": "which epoch becomes best.pt: best (the best --monitor value) or last (the final epoch: for "
@@ -38,7 +40,8 @@ HELP = {
     "cam_images": "how many fixed validation images get overlays",
     "cam_method": "gradcam, gradcam++, xgradcam, eigencam, ...",
     "allow_leakage": "train even when val/test images are copies of training images",
-    "time_budget_min": "stop before this many minutes of training have passed (a cosine schedule is fitted to end then)",
+    "time_budget_min": "stop before this many minutes of training have passed (a cosine schedule is fitted to end then, "
+                       "re-fitted after each epoch on the median epoch time, or the last if slower)",
     "group_regex": "regex whose first group on the file name is the patient id (grouped validation split)",
     "split_seed": "seed of the validation carve (default: --seed); keep it fixed to train models with different "
                   "--seed on the same train/validation split, e.g. ensemble members",
