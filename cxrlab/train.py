@@ -131,6 +131,10 @@ def data_index(cfg: TrainConfig):
                        group_regex=cfg.group_regex)
 
 
+# an epoch that fits the time budget to within this fraction still runs (the mid-epoch guard trims its end)
+BUDGET_SLACK = 0.1
+
+
 class Run:
     """State of one training run (kept small: everything else is derived or in the checkpoint)."""
 
@@ -393,10 +397,14 @@ class Run:
     def _budget_after_epoch(self, epoch: int, elapsed_s: float, epoch_s: float, full: bool) -> bool:
         """With --time-budget-min: re-fit the cosine schedule after a full epoch and say whether to stop.
 
-        One estimate of the next epoch's cost serves both, so the run stops where the schedule ends: the
-        median of the full epochs so far (a slow first epoch, from a cold page cache or decoding, does not
-        set the pace of the whole run), or the epoch just finished when that was slower (the machine got
-        busier). An epoch that the mid-epoch guard cut short always ends the run.
+        One count of the epochs that still fit serves both, so the run stops where the schedule ends. The
+        next epoch is expected to cost the median of the full epochs so far (a slow first epoch, from a cold
+        page cache or decoding, does not set the pace of the whole run), or the epoch just finished when that
+        was slower (the machine got busier); an epoch that fits to within a tenth still counts (the mid-epoch
+        guard trims its end if need be), so that a few seconds of noise on long epochs do not end the
+        schedule an epoch early. The run stops when no epoch fits, when the mid-epoch guard cut this one
+        short, or when the schedule has already reached its minimum (more epochs would train at a zero
+        learning rate: the cosine cannot climb back).
 
         Args:
             epoch: the epoch just finished.
@@ -404,34 +412,35 @@ class Run:
             epoch_s: what this epoch took, validation included.
             full: whether it trained the whole network to the end (not frozen, not cut short).
         """
-        if not self.cfg.time_budget_min:
+        cfg = self.cfg
+        if not cfg.time_budget_min:
             return False
+        cosine = isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+        if cosine and cfg.warmup_epochs < epoch < cfg.epochs and self.scheduler.last_epoch >= self.scheduler.T_max:
+            log.info("time budget: the cosine schedule reached its minimum at epoch %d; stopping with %.0f s of the "
+                     "budget left", epoch, max(0.0, cfg.time_budget_min * 60 - elapsed_s))
+            return True
         if full:
             self.full_epochs.append(epoch_s)
         next_s = max(statistics.median(self.full_epochs), epoch_s) if self.full_epochs else epoch_s
-        if full:
-            self._fit_cosine_to_budget(epoch, elapsed_s, next_s)
-        return self.cut_short or self._rank0_says(elapsed_s + next_s > self.cfg.time_budget_min * 60)
+        left_s = cfg.time_budget_min * 60 - elapsed_s
+        more = int(self._rank0_value(max(0.0, left_s / max(next_s, 1e-9) + BUDGET_SLACK)))  # same on every rank
+        if full and cosine:
+            self._fit_cosine_to_budget(epoch + more, next_s)
+        return self.cut_short or more == 0
 
-    def _fit_cosine_to_budget(self, epoch: int, elapsed_s: float, epoch_s: float) -> None:
-        """With --time-budget-min, shorten a cosine schedule to the epochs that fit, so the learning
-        rate reaches its minimum when the budget ends instead of being cut off half-way.
-
-        Args:
-            epoch: the epoch just finished.
-            elapsed_s: seconds since the loop started.
-            epoch_s: what one more epoch is expected to cost (see `_budget_after_epoch`).
+    def _fit_cosine_to_budget(self, fit: int, epoch_s: float) -> None:
+        """Make the cosine schedule end at epoch `fit`, so that the learning rate reaches its minimum when
+        the budget ends instead of being cut off half-way (capped at --epochs; never behind the steps already
+        taken). `epoch_s` (the expected cost of an epoch) is only logged.
 
         Called after every full epoch: the schedule's end moves when the estimate does. PyTorch's cosine
         steps are relative (each multiplies the distance to the minimum by a ratio of cosines), so moving
         T_max bends the curve from the current learning rate: it never jumps and still ends at the minimum.
         """
         cfg = self.cfg
-        if not cfg.time_budget_min or not isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-            return
-        fit = int(self._rank0_value(epoch + max(0.0, cfg.time_budget_min * 60 - elapsed_s) // max(epoch_s, 1e-9)))
         fit = min(fit, cfg.epochs)
-        t_max = max(1, self.scheduler.last_epoch, fit - cfg.warmup_epochs)  # never behind the steps already taken
+        t_max = max(1, self.scheduler.last_epoch, fit - cfg.warmup_epochs)
         if t_max == self.scheduler.T_max:
             return
         self.scheduler.T_max = t_max

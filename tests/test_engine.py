@@ -253,7 +253,7 @@ def _budget_run(epochs: int = 10):
 def test_cosine_schedule_is_fitted_to_the_time_budget():
     def run_after_first_epoch(seconds: float):
         run = _budget_run()
-        run._fit_cosine_to_budget(1, seconds, seconds)
+        run._budget_after_epoch(1, seconds, seconds, full=True)
         return run
 
     slow = run_after_first_epoch(12.0)  # 48 s left -> 4 more epochs fit: the schedule ends at epoch 5
@@ -268,7 +268,10 @@ def test_cosine_schedule_is_fitted_to_the_time_budget():
     # with 2 frozen epochs the fit is made after epoch 3, on that epoch's own (full) cost: 60 s budget, 30 s
     # gone (two cheap frozen epochs of 5 s and a full one of 20 s) -> 1 more full epoch fits, ending at epoch 4
     frozen = _budget_run()
-    frozen._fit_cosine_to_budget(3, 30.0, 20.0)
+    assert not frozen._budget_after_epoch(1, 5.0, 5.0, full=False)
+    assert not frozen._budget_after_epoch(2, 10.0, 5.0, full=False)
+    assert frozen.scheduler.T_max == 9  # frozen epochs do not fit the schedule
+    frozen._budget_after_epoch(3, 30.0, 20.0, full=True)
     assert frozen.scheduler.T_max == 3  # ends at epoch 4 (= 1 warm-up + 3)
 
 
@@ -296,8 +299,45 @@ def test_time_budget_is_refitted_after_a_slow_first_epoch():
     assert lrs[-1] == pytest.approx(0.0, abs=1e-9)  # the last epoch ran into the minimum
     # an estimate that shrinks below the steps already taken stops the schedule where it is, never behind it
     run.scheduler.T_max = 20
-    run._fit_cosine_to_budget(9, 59.9, 5.0)  # fits 9 epochs = 8 cosine steps, but 9 were taken
+    run._fit_cosine_to_budget(9, 5.0)  # 9 epochs = 8 cosine steps, but 9 were taken
     assert run.scheduler.T_max == run.scheduler.last_epoch == 9
+
+
+def test_time_budget_noise_on_long_epochs_does_not_leave_an_epoch_at_zero_learning_rate():
+    """Measured on a slow CPU (a 26 min budget, a 100 s probe, then epochs of 360, 371, 343 and 349 s): with the
+    count of epochs rounded down, 1.96 epochs left after epoch 2 became 1, the schedule ended at epoch 3, the
+    next re-fit found room for epoch 4 and ran it at a zero learning rate. An epoch that fits to within a tenth
+    now counts: the schedule ends at epoch 4, every epoch trains, and the run stops there."""
+    run = _budget_run(epochs=30)
+    run.cfg.time_budget_min = 26.0
+    elapsed, lrs, stopped_at = 100.0, [], None
+    for epoch, seconds in enumerate([360.0, 371.0, 343.0, 349.0, 350.0], start=1):
+        lrs.append(run.optimizer.param_groups[0]["lr"])  # the rate this epoch trains at
+        run._schedule(epoch, {})
+        elapsed += seconds
+        if run._budget_after_epoch(epoch, elapsed, seconds, full=True):
+            stopped_at = epoch
+            break
+    assert stopped_at == 4 and run.scheduler.T_max + 1 == 4
+    assert min(lrs) > 0.01  # no epoch at the minimum
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # annealed by the end
+
+
+def test_time_budget_stops_once_the_schedule_has_reached_its_minimum(caplog):
+    """If an epoch runs much faster than the estimate after the schedule was fitted to end with it, the
+    learning rate is already at its minimum and cannot climb back: the run stops instead of training at 0."""
+    import logging
+
+    run = _budget_run(epochs=20)
+    run._schedule(1, {})
+    assert not run._budget_after_epoch(1, 10.0, 10.0, full=True)  # 50 s left: ends at epoch 6
+    run._schedule(2, {})
+    assert not run._budget_after_epoch(2, 35.0, 25.0, full=True)  # a 25 s epoch: 1 more fits, ends at epoch 3
+    assert run.scheduler.T_max + 1 == 3
+    run._schedule(3, {})  # the minimum is reached
+    with caplog.at_level(logging.INFO, logger="cxrlab.train"):
+        assert run._budget_after_epoch(3, 40.0, 5.0, full=True)  # 20 s left, 2 fast epochs would fit: stop anyway
+    assert "reached its minimum at epoch 3" in caplog.text
 
 
 def test_time_budget_stops_early_when_the_machine_gets_busier():
