@@ -345,7 +345,7 @@ class Run:
                          cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
                 break
             if self._budget_after_epoch(epoch, t(), t() - epoch_t0, full=epoch >= fit_epoch and not self.cut_short):
-                log.info("time budget of %.1f min reached after epoch %d", cfg.time_budget_min, epoch)
+                log.info("time budget of %.1f min: stopping after epoch %d", cfg.time_budget_min, epoch)
                 break
 
     def _class_blur(self) -> tuple[float, ...]:
