@@ -89,7 +89,7 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware: AVX512-BF16 or AMX on x86, oneDNN's own check elsewhere.
 
     Without it, CPU autocast emulates bf16 and is far slower than fp32 (measured on a 2-core AVX2 AMD EPYC:
-    EfficientNet-Lite0 training 2.3 against 15 images/s, inference 7 against 58; docs/PERFORMANCE.md).
+    EfficientNet-Lite0 training 2.3 against 11.8 images/s, inference 6.5 against 51.5; docs/BENCHMARKS.md).
     """
     try:
         if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):

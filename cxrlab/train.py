@@ -447,10 +447,6 @@ class Run:
         log.info("time budget: about %d of %d epochs fit in %.1f min (%.0f s an epoch); cosine schedule ends at epoch %d",
                  fit, cfg.epochs, cfg.time_budget_min, epoch_s, t_max + cfg.warmup_epochs)
 
-    def _rank0_says(self, flag: bool) -> bool:
-        """Rank 0's decision on every rank (clocks differ between processes; all must stop together)."""
-        return bool(self._rank0_value(float(flag)))
-
     def _rank0_value(self, value: float) -> float:
         """Rank 0's value of a clock-derived number on every rank."""
         if self.dist.world == 1:
