@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMAGE_EXTS, machine_info  # noqa: E402
+from common import image_files, machine_info  # noqa: E402
 
 PRESETS = {"none": {}, "equalize": {"equalize": True}, "clahe2": {"clahe": 2.0}, "clahe4": {"clahe": 4.0}}
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = {}
     for split in ("train", "test"):
         for c in classes:
-            files = sorted(f for f in (root / split / c).iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            files = image_files(root / split / c)
             groups[(split, c)] = [files[i] for i in sorted(rng.choice(len(files), min(a.per_group, len(files)),
                                                                       replace=False))]
     a_cls, b_cls = classes  # e.g. NORMAL, PNEUMONIA: the first class is expected to be the sharper one

@@ -12,7 +12,7 @@ from PIL import Image
 
 from cxrlab.data.augment import AugmentConfig, augment_batch
 from cxrlab.data.cache import load_arrays, settings_key
-from cxrlab.data.preprocess import Preprocess, load_array
+from cxrlab.data.preprocess import Preprocess, load_array, prepare_array
 from cxrlab.engine import InputSpec
 from cxrlab.inference import ModelBundle
 
@@ -142,19 +142,13 @@ def test_clahe_raises_local_contrast_within_its_clip_limit():
     img[128:, 128:] = 200 + rng.integers(-20, 21, (128, 128))
     corner = (8, 120, 8, 120)  # inside the textured quarter, away from its edges
     base = _local_std(img, *corner)
-    stds = {c: _local_std(load_array_from(img, Preprocess(img_size=256, clahe=c)), *corner) for c in (1.0, 2.0, 4.0)}
-    hist = _local_std(load_array_from(img, Preprocess(img_size=256, equalize=True)), *corner)
+    stds = {c: _local_std(prepare_array(img, Preprocess(img_size=256, clahe=c)), *corner) for c in (1.0, 2.0, 4.0)}
+    hist = _local_std(prepare_array(img, Preprocess(img_size=256, equalize=True)), *corner)
     assert base < stds[1.0] < stds[2.0] < stds[4.0]
     assert stds[4.0] < hist
     # the bright quarter keeps its order of grey levels: CLAHE maps monotonically within each tile
-    out = load_array_from(img, Preprocess(img_size=256, clahe=2.0))
+    out = prepare_array(img, Preprocess(img_size=256, clahe=2.0))
     assert np.corrcoef(out[136:248, 136:248].ravel(), img[136:248, 136:248].ravel())[0, 1] > 0.95
-
-
-def load_array_from(gray: np.ndarray, pre: Preprocess) -> np.ndarray:
-    from cxrlab.data.preprocess import prepare_array
-
-    return prepare_array(gray, pre)
 
 
 def test_clahe_preset_round_trips_and_leaves_other_cache_keys_alone():
