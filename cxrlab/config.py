@@ -44,6 +44,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     freeze_epochs: int = 0
     freeze_stages: int = 0
+    auto_freeze: bool = False
     head_init: str = "random"
     backbone_lr_mult: float = 1.0
     early_stop: int = 10
@@ -122,6 +123,10 @@ class TrainConfig:
             (0 <= self.aug_blur <= 10, f"--aug-blur is a Gaussian sigma in pixels, 0..10, got {self.aug_blur}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1) such as 0.998 (0: off), got {self.ema}"),
             (self.freeze_stages >= 0, f"--freeze-stages must be >= 0 (0: train every layer), got {self.freeze_stages}"),
+            (not (self.auto_freeze and self.freeze_stages),
+             f"--auto-freeze chooses the fixed stages itself; drop it or --freeze-stages {self.freeze_stages}"),
+            (not self.auto_freeze or bool(self.time_budget_min),
+             "--auto-freeze decides from the time budget: add --time-budget-min M, or fix stages with --freeze-stages N"),
             (self.head_init in ("random", "probe"), f"--head-init must be random or probe, got {self.head_init}"),
             (0 <= self.consistency <= 100, f"--consistency is a loss weight in [0, 100] such as 12 (0: off), got {self.consistency}"),
             (not (self.consistency and (self.mixup or self.cutmix)),

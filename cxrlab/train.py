@@ -31,8 +31,10 @@ from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepCo
                            epoch_metrics, predict_logits, recalibrate_batchnorm, resolve_amp, train_one_epoch,
                            weight_ema)
 from cxrlab.errors import CxrlabError
-from cxrlab.training_setup import (build_criterion, build_optimizer, build_scheduler, init_distributed,
-                                   freeze_stages, resolve_device, set_backbone_frozen, setup_model)
+from cxrlab.training_setup import (AUTO_FREEZE_BELOW_EPOCHS, AUTO_FREEZE_STRIDE, build_criterion, build_optimizer,
+                                   build_scheduler, epochs_that_fit, freeze_stages, high_resolution_stages,
+                                   init_distributed, measure_step_seconds, resolve_device, set_backbone_frozen,
+                                   setup_model)
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +177,14 @@ class Run:
         log.info("model %s: %.2fM parameters, input %d px x %d channel(s), device %s, %s, world size %d",
                  cfg.model, n_params / 1e6, self.pre.img_size, self.spec.in_chans, self.device,
                  {"off": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[self.amp], self.dist.world)
-        self.fixed = freeze_stages(self.model, cfg.freeze_stages, cfg.model)
+        self.criterion = build_criterion(cfg, self.splits["train"].arrays.labels, len(names), self.device)
+        self.pre_loop_s = 0.0  # budget time spent before the loop (--auto-freeze's measurement)
+        self.frozen_stages = self._auto_freeze() if cfg.auto_freeze else cfg.freeze_stages
+        self.fixed = freeze_stages(self.model, self.frozen_stages, cfg.model)
         if self.fixed:
             n_fixed = sum(p.numel() for p in self.model.parameters() if id(p) in self.fixed)
-            log.info("stem and first %d stage(s) fixed (--freeze-stages): %.2fM of %.2fM parameters train",
-                     cfg.freeze_stages, (n_params - n_fixed) / 1e6, n_params / 1e6)
+            log.info("stem and first %d stage(s) fixed (%s): %.2fM of %.2fM parameters train", self.frozen_stages,
+                     "--auto-freeze" if cfg.auto_freeze else "--freeze-stages", (n_params - n_fixed) / 1e6, n_params / 1e6)
         if self.dist.main:
             check_output_dir(self.out, need_bytes=n_params * 4 * 5 + 50_000_000)
         if cfg.sync_bn and self.dist.world > 1 and self.device.type != "cuda":
@@ -189,7 +194,6 @@ class Run:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.criterion = build_criterion(cfg, self.splits["train"].arrays.labels, len(names), self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and self.amp == "fp16" else None
         self.stopper = EarlyStopping(cfg.monitor, cfg.early_stop)
         self.ema = weight_ema(self.model, cfg.ema) if cfg.ema else None
@@ -203,6 +207,55 @@ class Run:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
+    def _augment_config(self, class_blur: tuple = ()) -> AugmentConfig:
+        cfg = self.cfg
+        return AugmentConfig(cfg.aug_flip, cfg.aug_rotation, cfg.aug_translate, cfg.aug_crop_scale_min,
+                             cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise, cfg.aug_blur,
+                             cfg.aug_crop_scale_max, class_blur)
+
+    def _auto_freeze(self) -> int:
+        """--auto-freeze: how many stages stay fixed, from one measured training step and the time budget.
+
+        A resumed run keeps its first choice (last.pt records it). Otherwise, for a pretrained model with a
+        stage layout cxrlab knows, a few training steps of the whole network are timed on a copy (rank 0's
+        time on every rank; the seconds count against the budget) and the epochs that fit are estimated;
+        below AUTO_FREEZE_BELOW_EPOCHS the high-resolution stages stay fixed.
+        """
+        cfg, t = self.cfg, Timer()
+        if self.resume:
+            from cxrlab.checkpoint import load_checkpoint
+
+            path = self.out / "last.pt"
+            if not path.is_file():
+                return 0  # _load_resume_state says that there is nothing to resume
+            n = int(load_checkpoint(path, map_location="cpu")["train_state"].get("frozen_stages", 0))
+            log.info("--auto-freeze: resuming with the first run's choice, %d fixed stage(s)", n)
+            return n
+        k = high_resolution_stages(self.model, self.pre.img_size, self.spec.in_chans)
+        if not (cfg.pretrained or cfg.weights) or k == 0:
+            log.info("--auto-freeze: every layer trains (%s)", f"model {cfg.model} has no stage layout cxrlab knows"
+                     if k == 0 else "the model starts from random weights, nothing pretrained to keep")
+            return 0
+        train, world = self.splits["train"].arrays, self.dist.world
+        micro = max(1, cfg.batch_size // (world * cfg.grad_accum))
+        step = StepConfig(micro, cfg.seed, 0, len(self.index.class_names), self._augment_config(), cfg.sampler,
+                          cfg.mixup, cfg.cutmix, self.amp, 1, False, cfg.consistency)
+        step_s = self._rank0_value(measure_step_seconds(self.model, train, self.criterion, self.spec, step, self.device,
+                                                        cfg))
+        n_probe = min(len(train), 4096) + (cfg.precise_bn or 1024) if cfg.head_init == "probe" else 0
+        n_eval = math.ceil(len(self.splits["val"].arrays) / world) + cfg.precise_bn
+        fit, epoch_s = epochs_that_fit(step_s, micro, math.ceil(len(train) / world), n_eval, n_probe,
+                                       cfg.time_budget_min * 60 - t())
+        self.pre_loop_s = t()
+        head = (f"--auto-freeze: about {fit:.1f} epochs of the whole network fit the {cfg.time_budget_min:g} min budget "
+                f"({epoch_s:.0f} s each from a measured step of {step_s:.2f} s)")
+        if fit >= AUTO_FREEZE_BELOW_EPOCHS:
+            log.info("%s: every layer trains", head)
+            return 0
+        log.info("%s, fewer than %d: the stem and the %d stage(s) at 1/%d of the input size or more stay fixed, "
+                 "so that steps get cheaper and more epochs fit", head, AUTO_FREEZE_BELOW_EPOCHS, k, AUTO_FREEZE_STRIDE)
+        return k
+
     def _load_resume_state(self) -> None:
         from cxrlab.checkpoint import load_checkpoint
 
@@ -211,8 +264,8 @@ class Run:
             raise CxrlabError(f"--resume: no last.pt in '{self.out}' (nothing to resume). Run without --resume to start")
         ckpt = load_checkpoint(path, map_location=self.device)
         old = ckpt["config"]
-        for key in ("model", "img_size", "seed", "split_seed", "batch_size"):
-            if old.get(key) != getattr(self.cfg, key):
+        for key in ("model", "img_size", "seed", "split_seed", "batch_size", "freeze_stages", "auto_freeze"):
+            if old.get(key, getattr(TrainConfig, key)) != getattr(self.cfg, key):
                 raise CxrlabError(f"--resume: {key} was {old.get(key)!r} in '{path}' but is {getattr(self.cfg, key)!r} now; "
                                   "resume with the original settings")
         if ckpt["class_names"] != self.index.class_names:
@@ -309,7 +362,8 @@ class Run:
             save_checkpoint(base, self.out / "best.pt")
         state = {"optimizer": self.optimizer.state_dict(), "stopper": self.stopper.state_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "frozen_stages": self.frozen_stages}
         if self.ema is not None:
             state.update(model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                          ema_n=int(self.ema.n_averaged))
@@ -317,11 +371,10 @@ class Run:
 
     def loop(self) -> None:
         cfg, t = self.cfg, Timer()
-        self.augment = AugmentConfig(cfg.aug_flip, cfg.aug_rotation, cfg.aug_translate, cfg.aug_crop_scale_min,
-                                     cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise,
-                                     cfg.aug_blur, cfg.aug_crop_scale_max, self._class_blur())
+        self.augment = self._augment_config(self._class_blur())
         if self.dist.main:
             _write_history(self.out / "history.csv", self.history)
+        t.t0 -= self.pre_loop_s  # the budget's clock started before the loop
         self.loop_start = t.t0
         if cfg.head_init == "probe" and self.start_epoch == 1:
             self._probe_head()  # inside the time budget

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -269,3 +270,85 @@ def freeze_stages(model: nn.Module, n: int, name: str) -> frozenset:
             p.requires_grad_(False)
             fixed.append(id(p))
     return frozenset(fixed)
+
+
+# --auto-freeze: when fewer epochs of the whole network than this fit the time budget, the high-resolution
+# stages (output at least 1/AUTO_FREEZE_STRIDE of the input size) stay fixed, which makes each step cheaper.
+# Measured with EfficientNet-Lite0 (docs/BENCHMARKS.md, "Auto-freeze"): on Kermany, 3-4 full epochs against 6
+# with the first 3 stages fixed, the fixed ones won; 7-8 full epochs against 11-12 fixed, level. The recipe's
+# measured cxr3 runs (7 full epochs on a CPU with bf16) stay as they were.
+AUTO_FREEZE_BELOW_EPOCHS = 6
+AUTO_FREEZE_STRIDE = 8
+
+
+def high_resolution_stages(model: nn.Module, img_size: int, in_chans: int, stride: int = AUTO_FREEZE_STRIDE) -> int:
+    """How many leading stages output feature maps at least `img_size / stride` pixels wide.
+
+    They hold few weights but most of the compute (EfficientNet-Lite0 at stride 8: 3 of 7 stages,
+    0.05M of 3.4M parameters; ResNet: 2 of 4). 0 for a model without a stage layout cxrlab knows.
+    """
+    _, stages = backbone_stages(model)
+    if not stages:
+        return 0
+    widths: list[int] = []
+    hooks = [s.register_forward_hook(lambda _m, _a, out: widths.append(out.shape[-1])) for s in stages]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, img_size, img_size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    n = 0
+    while n < len(widths) and widths[n] * stride >= img_size:
+        n += 1
+    return n
+
+
+def measure_step_seconds(model: nn.Module, data, criterion: nn.Module, spec: InputSpec, step, device: torch.device,
+                         cfg: TrainConfig, steps: int = 2) -> float:
+    """Seconds per training step of the whole network (augmentation, forward, backward, optimiser) at
+    `step.batch_size` images, timed on a throwaway copy after one warm-up step: the model is untouched.
+
+    Args:
+        model: the model, unwrapped, before any stage is frozen.
+        data: training ArrayData (the first few batches are used).
+        criterion: the loss.
+        spec: input normalisation.
+        step: a StepConfig whose batch_size is one process's step.
+        device: where to compute.
+        cfg: for the optimiser.
+        steps: timed steps after the warm-up.
+    """
+    import copy
+    import time
+
+    from cxrlab.engine import ArrayData, train_one_epoch
+
+    clone = copy.deepcopy(model)
+    for p in clone.parameters():
+        p.requires_grad_(True)
+    n = min(len(data), (steps + 1) * step.batch_size)
+    stamps: list[float] = []
+    train_one_epoch(clone, ArrayData(data.images[:n], data.labels[:n]), build_optimizer(clone, cfg), criterion, spec,
+                    step, device, on_batch=lambda _i: stamps.append(time.perf_counter()))
+    end = time.perf_counter()
+    first = stamps[1] if len(stamps) > 1 else stamps[0]  # the first step also builds kernels and buffers
+    return (end - first) / max(1, len(stamps) - 1)
+
+
+def epochs_that_fit(step_s: float, micro: int, n_train: int, n_eval: int, n_probe: int, budget_s: float) -> tuple[float, float]:
+    """How many epochs of the whole network fit `budget_s`, and what one costs, from one measured step.
+
+    An epoch is ceil(n_train / micro) steps plus forward passes over `n_eval` images (validation and
+    precise BN); a forward pass costs about a third of a training step per image (as the mid-epoch
+    budget guard assumes). The linear probe's forward passes over `n_probe` images come first.
+
+    Returns:
+        (epochs, seconds an epoch)
+    """
+    forward_s = step_s / micro / 3
+    epoch_s = math.ceil(n_train / micro) * step_s + n_eval * forward_s
+    return max(0.0, budget_s - n_probe * forward_s) / epoch_s, epoch_s

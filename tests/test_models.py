@@ -186,6 +186,99 @@ def test_freeze_stages_leaves_fixed_weights_out_of_the_optimizer_and_explains_ba
         TrainConfig(freeze_stages=-1).validate()
 
 
+def test_high_resolution_stages_are_those_down_to_an_eighth_of_the_input():
+    from cxrlab.training_setup import high_resolution_stages
+
+    # Lite0's stages end at strides 2, 4, 8, 16, 16, 32, 32; ResNet's layer1-4 at 4, 8, 16, 32
+    for name, size, expect in (("efficientnet_lite0", 224, 3), ("efficientnet_lite0", 48, 3), ("resnet18", 224, 2),
+                               ("custom_cnn", 224, 0)):
+        model = create_model(name, num_classes=2)
+        assert high_resolution_stages(model, size, 3) == expect, (name, size)
+        assert model.training  # left as it was
+    assert high_resolution_stages(create_model("efficientnet_lite0", num_classes=2), 224, 3, stride=4) == 2
+
+
+def test_epochs_that_fit_counts_steps_evaluation_and_the_probe():
+    from cxrlab.training_setup import epochs_that_fit
+
+    # the AVX2 machine's Kermany run: 4431 training images, 785 validation + 1024 precise-BN, probe on 4096 + 1024
+    fit, epoch_s = epochs_that_fit(2.7, 32, 4431, 785 + 1024, 4096 + 1024, 26 * 60)
+    assert epoch_s == pytest.approx(139 * 2.7 + 1809 * 2.7 / 32 / 3)
+    assert fit == pytest.approx((26 * 60 - 5120 * 2.7 / 32 / 3) / epoch_s)
+    assert 3 < fit < 4
+    assert epochs_that_fit(2.7, 32, 4431, 0, 10**9, 60)[0] == 0.0  # the probe alone overruns: nothing fits
+
+
+def test_measure_step_seconds_times_a_copy_and_leaves_the_model_alone():
+    from cxrlab.config import TrainConfig
+    from cxrlab.data.augment import AugmentConfig
+    from cxrlab.engine import ArrayData, InputSpec, StepConfig
+    from cxrlab.training_setup import freeze_stages, measure_step_seconds
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=2)
+    fixed = freeze_stages(model, 1, "efficientnet_lite0")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = ArrayData(torch.randint(0, 256, (40, 48, 48), dtype=torch.uint8), torch.arange(40) % 2)
+    spec = InputSpec([0.5] * 3, [0.25] * 3, 3)
+    step = StepConfig(8, 0, 0, 2, AugmentConfig(), progress=False)
+    seconds = measure_step_seconds(model, data, torch.nn.CrossEntropyLoss(), spec, step, torch.device("cpu"),
+                                   TrainConfig(optimizer="adamw"))
+    assert 0 < seconds < 60
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
+    assert {id(p) for p in model.parameters() if not p.requires_grad} == fixed
+
+
+def test_auto_freeze_fixes_the_high_resolution_stages_when_few_epochs_fit_and_a_resume_keeps_the_choice(
+        synth_dir, tmp_path):
+    """A budget far too short for 6 epochs: the stem and the stages down to 1/8 of the input stay fixed (their
+    weights end as they began), last.pt records the choice, and a resumed run keeps it even with a budget
+    where every layer would train. A long budget trains every layer."""
+    from cxrlab.checkpoint import load_checkpoint
+    from cxrlab.config import TrainConfig
+    from cxrlab.train import fit
+
+    torch.manual_seed(1)
+    torch.save(create_model("efficientnet_lite0", num_classes=2).state_dict(), tmp_path / "w.pt")
+    base = dict(data=str(synth_dir), model="efficientnet_lite0", weights=str(tmp_path / "w.pt"), img_size=48,
+                batch_size=16, report=False, cache=False, workers=0, precise_bn=0, amp="off", auto_freeze=True)
+    short = TrainConfig(out=str(tmp_path / "short"), epochs=1, time_budget_min=0.05, **base)
+    fit(short, progress=False)
+    log = (tmp_path / "short" / "train.log").read_text()
+    assert "fewer than 6: the stem and the 3 stage(s) at 1/8 of the input size or more stay fixed" in log
+    assert "stem and first 3 stage(s) fixed (--auto-freeze)" in log
+    last = load_checkpoint(tmp_path / "short" / "last.pt")
+    assert last["train_state"]["frozen_stages"] == 3
+    start = torch.load(tmp_path / "w.pt")
+    stem = [k for k in last["state_dict"] if k.startswith(("conv_stem.", "blocks.0.", "blocks.2.")) and k in start]
+    assert stem and all(torch.equal(start[k], last["state_dict"][k]) for k in stem)
+
+    fit(TrainConfig(out=str(tmp_path / "short"), epochs=2, time_budget_min=1000, **base), resume=True, progress=False)
+    log = (tmp_path / "short" / "train.log").read_text()
+    assert "--auto-freeze: resuming with the first run's choice, 3 fixed stage(s)" in log
+    assert load_checkpoint(tmp_path / "short" / "last.pt")["train_state"]["frozen_stages"] == 3
+
+    fit(TrainConfig(out=str(tmp_path / "long"), epochs=1, time_budget_min=1000, **base), progress=False)
+    log = (tmp_path / "long" / "train.log").read_text()
+    assert "fit the 1000 min budget" in log and ": every layer trains" in log and "stage(s) fixed" not in log
+    assert load_checkpoint(tmp_path / "long" / "last.pt")["train_state"]["frozen_stages"] == 0
+
+
+def test_auto_freeze_explains_what_it_needs():
+    from cxrlab.commands.train import HELP
+    from cxrlab.config import TrainConfig
+    from cxrlab.training_setup import AUTO_FREEZE_BELOW_EPOCHS, AUTO_FREEZE_STRIDE
+
+    assert f"fewer than {AUTO_FREEZE_BELOW_EPOCHS} epochs" in HELP["auto_freeze"]  # the help states the rule in force
+    assert f"1/{AUTO_FREEZE_STRIDE} of the input size" in HELP["auto_freeze"]
+
+    with pytest.raises(CxrlabError, match="--auto-freeze decides from the time budget: add --time-budget-min"):
+        TrainConfig(auto_freeze=True).validate()
+    with pytest.raises(CxrlabError, match="--auto-freeze chooses the fixed stages itself; drop it or --freeze-stages 2"):
+        TrainConfig(auto_freeze=True, freeze_stages=2, time_budget_min=30).validate()
+
+
 def test_model_args_reach_the_constructor_and_bad_ones_are_named(tmp_path):
     import argparse
 
