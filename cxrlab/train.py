@@ -31,10 +31,10 @@ from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepCo
                            epoch_metrics, predict_logits, recalibrate_batchnorm, resolve_amp, train_one_epoch,
                            weight_ema)
 from cxrlab.errors import CxrlabError
-from cxrlab.training_setup import (AUTO_FREEZE_BELOW_EPOCHS, AUTO_FREEZE_STRIDE, build_criterion, build_optimizer,
-                                   build_scheduler, epochs_that_fit, freeze_stages, high_resolution_stages,
-                                   init_distributed, measure_step_seconds, resolve_device, set_backbone_frozen,
-                                   setup_model)
+from cxrlab.training_setup import (AUTO_FREEZE_BELOW_EPOCHS, AUTO_FREEZE_STRIDE, FORWARD_COST, PROBE_MAX_IMAGES,
+                                   build_criterion, build_optimizer, build_scheduler, epochs_that_fit, freeze_stages,
+                                   high_resolution_stages, init_distributed, measure_step_seconds, resolve_device,
+                                   set_backbone_frozen, setup_model)
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,9 @@ class Run:
                  cfg.model, n_params / 1e6, self.pre.img_size, self.spec.in_chans, self.device,
                  {"off": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[self.amp], self.dist.world)
         self.criterion = build_criterion(cfg, self.splits["train"].arrays.labels, len(names), self.device)
+        resumed = self._resume_checkpoint() if self.resume else None
         self.pre_loop_s = 0.0  # budget time spent before the loop (--auto-freeze's measurement)
-        self.frozen_stages = self._auto_freeze() if cfg.auto_freeze else cfg.freeze_stages
+        self.frozen_stages = self._auto_freeze(resumed) if cfg.auto_freeze else cfg.freeze_stages
         self.fixed = freeze_stages(self.model, self.frozen_stages, cfg.model)
         if self.fixed:
             n_fixed = sum(p.numel() for p in self.model.parameters() if id(p) in self.fixed)
@@ -198,8 +199,8 @@ class Run:
         self.stopper = EarlyStopping(cfg.monitor, cfg.early_stop)
         self.ema = weight_ema(self.model, cfg.ema) if cfg.ema else None
         self.start_epoch = 1
-        if self.resume:
-            self._load_resume_state()
+        if resumed is not None:
+            self._load_resume_state(resumed)
         self.train_model = self.model
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -213,7 +214,16 @@ class Run:
                              cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise, cfg.aug_blur,
                              cfg.aug_crop_scale_max, class_blur)
 
-    def _auto_freeze(self) -> int:
+    @property
+    def _micro(self) -> int:
+        """Images per process per step (the global batch split over processes and accumulation steps)."""
+        return max(1, self.cfg.batch_size // (self.dist.world * self.cfg.grad_accum))
+
+    def _probe_images(self) -> tuple[int, int]:
+        """--head-init probe's work: (BatchNorm re-estimation images, feature images)."""
+        return self.cfg.precise_bn or 1024, min(len(self.splits["train"].arrays), PROBE_MAX_IMAGES)
+
+    def _auto_freeze(self, resumed: dict | None) -> int:
         """--auto-freeze: how many stages stay fixed, from one measured training step and the time budget.
 
         A resumed run keeps its first choice (last.pt records it). Otherwise, for a pretrained model with a
@@ -222,13 +232,8 @@ class Run:
         below AUTO_FREEZE_BELOW_EPOCHS the high-resolution stages stay fixed.
         """
         cfg, t = self.cfg, Timer()
-        if self.resume:
-            from cxrlab.checkpoint import load_checkpoint
-
-            path = self.out / "last.pt"
-            if not path.is_file():
-                return 0  # _load_resume_state says that there is nothing to resume
-            n = int(load_checkpoint(path, map_location="cpu")["train_state"].get("frozen_stages", 0))
+        if resumed is not None:
+            n = int(resumed["train_state"].get("frozen_stages", 0))
             log.info("--auto-freeze: resuming with the first run's choice, %d fixed stage(s)", n)
             return n
         k = high_resolution_stages(self.model, self.pre.img_size, self.spec.in_chans)
@@ -237,12 +242,12 @@ class Run:
                      if k == 0 else "the model starts from random weights, nothing pretrained to keep")
             return 0
         train, world = self.splits["train"].arrays, self.dist.world
-        micro = max(1, cfg.batch_size // (world * cfg.grad_accum))
+        micro = self._micro
         step = StepConfig(micro, cfg.seed, 0, len(self.index.class_names), self._augment_config(), cfg.sampler,
                           cfg.mixup, cfg.cutmix, self.amp, 1, False, cfg.consistency)
         step_s = self._rank0_value(measure_step_seconds(self.model, train, self.criterion, self.spec, step, self.device,
                                                         cfg))
-        n_probe = min(len(train), 4096) + (cfg.precise_bn or 1024) if cfg.head_init == "probe" else 0
+        n_probe = sum(self._probe_images()) if cfg.head_init == "probe" else 0
         n_eval = math.ceil(len(self.splits["val"].arrays) / world) + cfg.precise_bn
         fit, epoch_s = epochs_that_fit(step_s, micro, math.ceil(len(train) / world), n_eval, n_probe,
                                        cfg.time_budget_min * 60 - t())
@@ -256,13 +261,17 @@ class Run:
                  "so that steps get cheaper and more epochs fit", head, AUTO_FREEZE_BELOW_EPOCHS, k, AUTO_FREEZE_STRIDE)
         return k
 
-    def _load_resume_state(self) -> None:
+    def _resume_checkpoint(self) -> dict:
+        """--resume: the run folder's last.pt, loaded once (a clear error when there is none)."""
         from cxrlab.checkpoint import load_checkpoint
 
         path = self.out / "last.pt"
         if not path.is_file():
             raise CxrlabError(f"--resume: no last.pt in '{self.out}' (nothing to resume). Run without --resume to start")
-        ckpt = load_checkpoint(path, map_location=self.device)
+        return load_checkpoint(path, map_location=self.device)
+
+    def _load_resume_state(self, ckpt: dict) -> None:
+        path = self.out / "last.pt"
         old = ckpt["config"]
         for key in ("model", "img_size", "seed", "split_seed", "batch_size", "freeze_stages", "auto_freeze"):
             if old.get(key, getattr(TrainConfig, key)) != getattr(self.cfg, key):
@@ -317,7 +326,7 @@ class Run:
         train = self.splits["train"].arrays
         step = StepConfig(cfg.batch_size, cfg.seed, epoch, len(self.index.class_names), self.augment, cfg.sampler,
                           cfg.mixup, cfg.cutmix, self.amp, cfg.grad_accum, self.progress, cfg.consistency)
-        micro = max(1, cfg.batch_size // (self.dist.world * cfg.grad_accum))
+        micro = self._micro
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
         on_step = (lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None
         tr = train_one_epoch(self.train_model, train, self.optimizer, self.criterion, self.spec, step, self.device,
@@ -420,10 +429,11 @@ class Run:
 
         train, t = self.splits["train"].arrays, Timer()
         # features as training will see them: BatchNorm statistics of these radiographs, not ImageNet's
-        recalibrate_batchnorm(self.model, train.images, self.spec, self.device, n=self.cfg.precise_bn or 1024,
+        n_bn, n_features = self._probe_images()
+        recalibrate_batchnorm(self.model, train.images, self.spec, self.device, n=n_bn,
                               seed=self.cfg.seed, amp=self.amp)
         info = probe_head(self.model, train.images, train.labels, self.spec, self.device,
-                          balanced=self.cfg.class_weights, amp=self.amp, seed=self.cfg.seed)
+                          balanced=self.cfg.class_weights, amp=self.amp, max_images=n_features, seed=self.cfg.seed)
         if self.dist.world > 1:
             for p in self.model.parameters():
                 torch.distributed.broadcast(p.data, src=0)
@@ -433,7 +443,7 @@ class Run:
     def _budget_stop(self, micro: int):
         """With --time-budget-min, a callback that ends an epoch early when finishing it would overrun the
         budget: it stops once now + the expected validation time (forward passes over the validation and
-        precise-BN images, about a third of a training step per image) passes the deadline."""
+        precise-BN images, FORWARD_COST of a training step per image) passes the deadline."""
         cfg = self.cfg
         if not cfg.time_budget_min:
             return None
@@ -444,7 +454,7 @@ class Run:
         def stop(done: int) -> bool:
             now = time.perf_counter()
             per_image = (now - start) / (done * micro)
-            return now + per_image * n_eval / 3 > deadline
+            return now + per_image * n_eval * FORWARD_COST > deadline
         return stop
 
     def _budget_after_epoch(self, epoch: int, elapsed_s: float, epoch_s: float, full: bool) -> bool:

@@ -17,6 +17,9 @@ from cxrlab.models import channel_stats, create_model, model_spec
 
 log = logging.getLogger(__name__)
 
+PROBE_MAX_IMAGES = 4096  # the linear probe fits at most this many training images
+FORWARD_COST = 1 / 3  # a forward pass per image, as a share of a training step per image (budget estimates)
+
 
 def uses_cuda(device: str) -> bool:
     """Whether a --device value trains on CUDA GPUs (`auto` does when one is visible)."""
@@ -115,7 +118,7 @@ def last_linear(model: nn.Module) -> nn.Linear | None:
 
 
 def probe_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec, device: torch.device,
-               balanced: bool = False, amp: str = "off", max_images: int = 4096, seed: int = 0) -> dict:
+               balanced: bool = False, amp: str = "off", max_images: int = PROBE_MAX_IMAGES, seed: int = 0) -> dict:
     """Linear probe: set the classifier's last Linear layer to a logistic regression on its input features.
 
     The first half of LP-FT (Kumar et al. 2022, "Fine-tuning can distort pretrained features"): a new,
@@ -343,12 +346,12 @@ def epochs_that_fit(step_s: float, micro: int, n_train: int, n_eval: int, n_prob
     """How many epochs of the whole network fit `budget_s`, and what one costs, from one measured step.
 
     An epoch is ceil(n_train / micro) steps plus forward passes over `n_eval` images (validation and
-    precise BN); a forward pass costs about a third of a training step per image (as the mid-epoch
+    precise BN); a forward pass costs FORWARD_COST of a training step per image (as the mid-epoch
     budget guard assumes). The linear probe's forward passes over `n_probe` images come first.
 
     Returns:
         (epochs, seconds an epoch)
     """
-    forward_s = step_s / micro / 3
+    forward_s = step_s / micro * FORWARD_COST
     epoch_s = math.ceil(n_train / micro) * step_s + n_eval * forward_s
     return max(0.0, budget_s - n_probe * forward_s) / epoch_s, epoch_s
