@@ -45,7 +45,6 @@ class TrainConfig:
     freeze_epochs: int = 0
     freeze_stages: int = 0
     auto_freeze: bool = False
-    progressive_size: int = 0
     head_init: str = "random"
     backbone_lr_mult: float = 1.0
     early_stop: int = 10
@@ -128,12 +127,6 @@ class TrainConfig:
              f"--auto-freeze chooses the fixed stages itself; drop it or --freeze-stages {self.freeze_stages}"),
             (not self.auto_freeze or bool(self.time_budget_min),
              "--auto-freeze decides from the time budget: add --time-budget-min M, or fix stages with --freeze-stages N"),
-            (self.progressive_size == 0 or 16 <= self.progressive_size <= 2048,
-             f"--progressive-size is the first epochs' image size in pixels, below --img-size, such as 128 (0: off), "
-             f"got {self.progressive_size}"),
-            (self.img_size is None or self.progressive_size < self.img_size,
-             f"--progressive-size {self.progressive_size} must be below --img-size {self.img_size}: the training images "
-             "grow from it to the full size"),
             (self.head_init in ("random", "probe"), f"--head-init must be random or probe, got {self.head_init}"),
             (0 <= self.consistency <= 100, f"--consistency is a loss weight in [0, 100] such as 12 (0: off), got {self.consistency}"),
             (not (self.consistency and (self.mixup or self.cutmix)),

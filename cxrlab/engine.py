@@ -244,7 +244,6 @@ class StepConfig:
     grad_accum: int = 1
     progress: bool = True
     consistency: float = 0.0
-    img_size: int = 0  # training image size (0: the stored arrays'); smaller with --progressive-size
 
 
 def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Optimizer, criterion: nn.Module,
@@ -286,9 +285,9 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
             on_batch(i)
         raw = data.images[idx].to(device, non_blocking=True)
         labels = data.labels[idx]
-        x = augment_batch(raw, step.augment, g, labels, step.img_size)
+        x = augment_batch(raw, step.augment, g, labels)
         if step.consistency:  # a second, independently augmented view of the same images
-            x = torch.cat([x, augment_batch(raw, step.augment, g, labels, step.img_size)])
+            x = torch.cat([x, augment_batch(raw, step.augment, g, labels)])
         x = to_model_input(x, spec.mean, spec.std, spec.in_chans)
         if spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -32,15 +32,13 @@ from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepCo
                            weight_ema)
 from cxrlab.errors import CxrlabError
 from cxrlab.training_setup import (AUTO_FREEZE_BELOW_EPOCHS, AUTO_FREEZE_STRIDE, FORWARD_COST, PROBE_MAX_IMAGES,
-                                   PROGRESSIVE_STAGES, build_criterion, build_optimizer, build_scheduler,
-                                   epoch_cost_model, epochs_that_fit, epochs_within, freeze_stages, high_resolution_stages,
-                                   init_distributed, measure_step_seconds, progressive_cost, progressive_size,
-                                   resolve_device, set_backbone_frozen, setup_model)
+                                   build_criterion, build_optimizer, build_scheduler, epochs_that_fit, freeze_stages,
+                                   high_resolution_stages, init_distributed, measure_step_seconds, resolve_device,
+                                   set_backbone_frozen, setup_model)
 
 log = logging.getLogger(__name__)
 
-# train_px: the training images' size that epoch (smaller than the model's input with --progressive-size)
-HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds", "train_px"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds"]
 
 
 @dataclass
@@ -180,9 +178,6 @@ class Run:
                  cfg.model, n_params / 1e6, self.pre.img_size, self.spec.in_chans, self.device,
                  {"off": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[self.amp], self.dist.world)
         self.criterion = build_criterion(cfg, self.splits["train"].arrays.labels, len(names), self.device)
-        if cfg.progressive_size:
-            self._check_progressive()
-        self.planned_epochs = cfg.epochs  # where the schedule ends; the time budget moves it (--progressive-size)
         resumed = self._resume_checkpoint() if self.resume else None
         self.pre_loop_s = 0.0  # budget time spent before the loop (--auto-freeze's measurement)
         self.frozen_stages = self._auto_freeze(resumed) if cfg.auto_freeze else cfg.freeze_stages
@@ -255,42 +250,16 @@ class Run:
         n_probe = sum(self._probe_images()) if cfg.head_init == "probe" else 0
         n_eval = math.ceil(len(self.splits["val"].arrays) / world) + cfg.precise_bn
         fit, epoch_s = epochs_that_fit(step_s, micro, math.ceil(len(train) / world), n_eval, n_probe,
-                                       cfg.time_budget_min * 60 - t(), self._mean_train_cost())
+                                       cfg.time_budget_min * 60 - t())
         self.pre_loop_s = t()
         head = (f"--auto-freeze: about {fit:.1f} epochs of the whole network fit the {cfg.time_budget_min:g} min budget "
-                f"({epoch_s:.0f} s each from a measured step of {step_s:.2f} s"
-                f"{', growing images on average' if cfg.progressive_size else ''})")
+                f"({epoch_s:.0f} s each from a measured step of {step_s:.2f} s)")
         if fit >= AUTO_FREEZE_BELOW_EPOCHS:
             log.info("%s: every layer trains", head)
             return 0
         log.info("%s, fewer than %d: the stem and the %d stage(s) at 1/%d of the input size or more stay fixed, "
                  "so that steps get cheaper and more epochs fit", head, AUTO_FREEZE_BELOW_EPOCHS, k, AUTO_FREEZE_STRIDE)
         return k
-
-    def _check_progressive(self) -> None:
-        """--progressive-size: below the full size, and a model that takes smaller images (global pooling)."""
-        cfg, full = self.cfg, self.pre.img_size
-        if cfg.progressive_size >= full:
-            raise CxrlabError(f"--progressive-size {cfg.progressive_size} must be below the training size {full} px "
-                              f"({cfg.model}'s own, or --img-size): the images grow from it")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                self.model(torch.zeros(1, self.spec.in_chans, cfg.progressive_size, cfg.progressive_size,
-                                       device=self.device))
-        except RuntimeError as exc:
-            raise CxrlabError(f"--progressive-size {cfg.progressive_size}: model {cfg.model} takes only {full} px "
-                              f"images ({str(exc).splitlines()[0]}); progressive resizing needs a model that pools "
-                              "globally (e.g. efficientnet_lite0, resnet18, small_cnn, chestxray_cnn), or drop the "
-                              "option") from exc
-        finally:
-            self.model.train(was_training)
-
-    def _mean_train_cost(self) -> float:
-        """--progressive-size: the training part of an epoch on average over the stages, relative to full size."""
-        k, full = PROGRESSIVE_STAGES, self.pre.img_size
-        return sum(progressive_cost(e, k, self.cfg.progressive_size, full) for e in range(1, k + 1)) / k
 
     def _resume_checkpoint(self) -> dict:
         """--resume: the run folder's last.pt, loaded once (a clear error when there is none)."""
@@ -304,8 +273,7 @@ class Run:
     def _load_resume_state(self, ckpt: dict) -> None:
         path = self.out / "last.pt"
         old = ckpt["config"]
-        for key in ("model", "img_size", "seed", "split_seed", "batch_size", "freeze_stages", "auto_freeze",
-                    "progressive_size"):
+        for key in ("model", "img_size", "seed", "split_seed", "batch_size", "freeze_stages", "auto_freeze"):
             if old.get(key, getattr(TrainConfig, key)) != getattr(self.cfg, key):
                 raise CxrlabError(f"--resume: {key} was {old.get(key)!r} in '{path}' but is {getattr(self.cfg, key)!r} now; "
                                   "resume with the original settings")
@@ -327,7 +295,6 @@ class Run:
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         self.stopper.load_state_dict(st["stopper"])
-        self.planned_epochs = int(st.get("planned_epochs", self.cfg.epochs))
         self.history = list(ckpt["history"])
         self.start_epoch = int(ckpt["epoch"]) + 1
         log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
@@ -357,18 +324,14 @@ class Run:
             set_backbone_frozen(self.model, epoch <= cfg.freeze_epochs, self.fixed)
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout and other module randomness
         train = self.splits["train"].arrays
-        size = progressive_size(epoch, self.planned_epochs, cfg.progressive_size, self.pre.img_size)
-        self.epoch_cost = (size / self.pre.img_size) ** 2
         step = StepConfig(cfg.batch_size, cfg.seed, epoch, len(self.index.class_names), self.augment, cfg.sampler,
-                          cfg.mixup, cfg.cutmix, self.amp, cfg.grad_accum, self.progress, cfg.consistency,
-                          0 if size == self.pre.img_size else size)
+                          cfg.mixup, cfg.cutmix, self.amp, cfg.grad_accum, self.progress, cfg.consistency)
         micro = self._micro
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
         on_step = (lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None
         tr = train_one_epoch(self.train_model, train, self.optimizer, self.criterion, self.spec, step, self.device,
                              self.dist, self.scaler, on_batch=self._warmup_hook(epoch, n_batches), on_step=on_step,
-                             stop=self._budget_stop(micro, self.epoch_cost))
-        self.epoch_train_s = t()
+                             stop=self._budget_stop(micro))
         self.cut_short = tr["batches"] < n_batches
         if self.cut_short:
             log.info("time budget: epoch %d ended after %d of %d batches to leave time for validation", epoch,
@@ -383,7 +346,7 @@ class Run:
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": vm["loss"],
                "val_acc": vm["acc"], "val_auc": vm["auc"], "lr": self._lr(), "seconds": t()}
         self._schedule(epoch, row)
-        return {**{k: (v if k == "epoch" else _fmt(v)) for k, v in row.items()}, "train_px": size}
+        return {k: (v if k == "epoch" else _fmt(v)) for k, v in row.items()}
 
     def _schedule(self, epoch: int, row: dict) -> None:
         if epoch <= self.cfg.warmup_epochs or self.scheduler is None:
@@ -409,7 +372,7 @@ class Run:
         state = {"optimizer": self.optimizer.state_dict(), "stopper": self.stopper.state_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                 "frozen_stages": self.frozen_stages, "planned_epochs": self.planned_epochs}
+                 "frozen_stages": self.frozen_stages}
         if self.ema is not None:
             state.update(model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                          ema_n=int(self.ema.n_averaged))
@@ -436,10 +399,9 @@ class Run:
                 _write_history(self.out / "history.csv", self.history)
                 self.save(epoch, row, is_best or cfg.select == "last")
                 self._on_epoch_end(epoch)
-            log.info("epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %s | lr %.2g | %.1fs%s%s",
+            log.info("epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %s | lr %.2g | %.1fs%s",
                      epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
-                     row["val_auc"], row["lr"], row["seconds"],
-                     f" | trained at {row['train_px']} px" if cfg.progressive_size else "", "  *best*" if is_best else "")
+                     row["val_auc"], row["lr"], row["seconds"], "  *best*" if is_best else "")
             if self.stopper.should_stop:
                 log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)", cfg.monitor,
                          cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
@@ -478,11 +440,10 @@ class Run:
         log.info("head initialised by a linear probe on %d training images (train accuracy %.3f, %.0f s)",
                  info["images"], info["train_acc"], t())
 
-    def _budget_stop(self, micro: int, cost: float = 1.0):
+    def _budget_stop(self, micro: int):
         """With --time-budget-min, a callback that ends an epoch early when finishing it would overrun the
         budget: it stops once now + the expected validation time (forward passes over the validation and
-        precise-BN images, FORWARD_COST of a training step per image at the full size: a step on images of
-        `cost` times the pixels is scaled up) passes the deadline."""
+        precise-BN images, FORWARD_COST of a training step per image) passes the deadline."""
         cfg = self.cfg
         if not cfg.time_budget_min:
             return None
@@ -492,7 +453,7 @@ class Run:
 
         def stop(done: int) -> bool:
             now = time.perf_counter()
-            per_image = (now - start) / (done * micro) / cost
+            per_image = (now - start) / (done * micro)
             return now + per_image * n_eval * FORWARD_COST > deadline
         return stop
 
@@ -504,11 +465,9 @@ class Run:
         page cache or decoding, does not set the pace of the whole run), or the epoch just finished when that
         was slower (the machine got busier); an epoch that fits to within a tenth still counts (the mid-epoch
         guard trims its end if need be), so that a few seconds of noise on long epochs do not end the
-        schedule an epoch early. With --progressive-size the training time is modelled as a line in the
-        pixel share of the epoch's images (`epoch_cost_model`) and the epochs still to come are costed at
-        their own sizes, which depend on the total planned (`epochs_within`). The run stops when no epoch fits, when the
-        mid-epoch guard cut this one short, or when the schedule has already reached its minimum (more epochs
-        would train at a zero learning rate: the cosine cannot climb back).
+        schedule an epoch early. The run stops when no epoch fits, when the mid-epoch guard cut this one
+        short, or when the schedule has already reached its minimum (more epochs would train at a zero
+        learning rate: the cosine cannot climb back).
 
         Args:
             epoch: the epoch just finished.
@@ -524,19 +483,13 @@ class Run:
             log.info("time budget: the cosine schedule reached its minimum at epoch %d; stopping with %.0f s of the "
                      "budget left", epoch, max(0.0, cfg.time_budget_min * 60 - elapsed_s))
             return True
-        train_s = min(self.epoch_train_s, epoch_s)
-        this = (self.epoch_cost, train_s, epoch_s - train_s)  # pixel share, training, validation
         if full:
-            self.full_epochs.append(this)
-        fixed_s, pixel_s = epoch_cost_model(self.full_epochs, this)
+            self.full_epochs.append(epoch_s)
+        next_s = max(statistics.median(self.full_epochs), epoch_s) if self.full_epochs else epoch_s
         left_s = cfg.time_budget_min * 60 - elapsed_s
-        total = epochs_within(epoch, max(0.0, left_s), fixed_s, pixel_s, cfg.epochs, cfg.progressive_size,
-                              self.pre.img_size, BUDGET_SLACK)
-        more = int(self._rank0_value(total - epoch))  # the same on every rank
-        if full:
-            self.planned_epochs = max(epoch, min(epoch + more, cfg.epochs))
-            if cosine:
-                self._fit_cosine_to_budget(epoch + more, fixed_s + pixel_s)
+        more = int(self._rank0_value(max(0.0, left_s / max(next_s, 1e-9) + BUDGET_SLACK)))  # same on every rank
+        if full and cosine:
+            self._fit_cosine_to_budget(epoch + more, next_s)
         return self.cut_short or more == 0
 
     def _fit_cosine_to_budget(self, fit: int, epoch_s: float) -> None:

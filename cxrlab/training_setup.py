@@ -342,12 +342,10 @@ def measure_step_seconds(model: nn.Module, data, criterion: nn.Module, spec: Inp
     return (end - first) / max(1, len(stamps) - 1)
 
 
-def epochs_that_fit(step_s: float, micro: int, n_train: int, n_eval: int, n_probe: int, budget_s: float,
-                    train_cost: float = 1.0) -> tuple[float, float]:
+def epochs_that_fit(step_s: float, micro: int, n_train: int, n_eval: int, n_probe: int, budget_s: float) -> tuple[float, float]:
     """How many epochs of the whole network fit `budget_s`, and what one costs, from one measured step.
 
-    An epoch is ceil(n_train / micro) steps (each `train_cost` times the measured one: smaller images
-    with --progressive-size) plus forward passes over `n_eval` images at the full size (validation and
+    An epoch is ceil(n_train / micro) steps plus forward passes over `n_eval` images (validation and
     precise BN); a forward pass costs FORWARD_COST of a training step per image (as the mid-epoch
     budget guard assumes). The linear probe's forward passes over `n_probe` images come first.
 
@@ -355,90 +353,5 @@ def epochs_that_fit(step_s: float, micro: int, n_train: int, n_eval: int, n_prob
         (epochs, seconds an epoch)
     """
     forward_s = step_s / micro * FORWARD_COST
-    epoch_s = math.ceil(n_train / micro) * step_s * train_cost + n_eval * forward_s
+    epoch_s = math.ceil(n_train / micro) * step_s + n_eval * forward_s
     return max(0.0, budget_s - n_probe * forward_s) / epoch_s, epoch_s
-
-
-# --progressive-size: EfficientNetV2's progressive learning (Tan & Le 2021). The planned epochs are split into
-# PROGRESSIVE_STAGES equal stages whose training images grow linearly from the start size to the full size
-# (multiples of PROGRESSIVE_MULTIPLE); the last stage, validation, precise BN and every checkpoint's use are at
-# the full size. A step's cost grows with the pixels, so small early epochs leave room for more epochs.
-PROGRESSIVE_STAGES = 4
-PROGRESSIVE_MULTIPLE = 8
-
-
-def progressive_size(epoch: int, total: int, start: int, final: int, stages: int = PROGRESSIVE_STAGES) -> int:
-    """Training image size of `epoch` (1-based) of `total` planned epochs, growing from `start` to `final`.
-
-    `start` 0 (or not below `final`) means no progression: always `final`. With fewer planned epochs than
-    stages each epoch is a stage; an epoch past `total` (the plan shrank) is at the full size.
-    """
-    if not start or start >= final:
-        return final
-    k = min(stages, max(1, total))
-    stage = min(k - 1, (epoch - 1) * k // max(1, total))
-    if stage == k - 1:
-        return final
-    if stage == 0:
-        return start
-    size = start + (final - start) * stage / (k - 1)
-    return int(min(final, max(start, round(size / PROGRESSIVE_MULTIPLE) * PROGRESSIVE_MULTIPLE)))
-
-
-def progressive_cost(epoch: int, total: int, start: int, final: int) -> float:
-    """A training epoch's cost relative to one at the full size: the share of the pixels, (size / final)^2."""
-    return (progressive_size(epoch, total, start, final) / final) ** 2
-
-
-def epochs_within(done: int, left_s: float, fixed_s: float, pixel_s: float, max_epochs: int, start: int,
-                  final: int, slack: float) -> int:
-    """The largest planned total of epochs whose remaining ones fit `left_s` seconds (at least `done`).
-
-    An epoch costs `fixed_s` (validation and precise BN, always at the full size, and the per-step work that
-    does not shrink with the images) plus `pixel_s` times its share of the full size's pixels
-    (`progressive_cost`: 1 without --progressive-size, smaller early on with it, by a plan that depends on
-    the total). A total counts when the remaining epochs' cost is within `slack` of its last epoch beyond
-    `left_s` (the mid-epoch guard trims that one if need be). Without progression this is
-    done + floor(left_s / (fixed_s + pixel_s) + slack), capped at `max_epochs`.
-    """
-    full = fixed_s + pixel_s
-    cheapest = fixed_s + pixel_s * progressive_cost(1, 2, start, final)
-    best = done
-    for total in range(done + 1, max_epochs + 1):
-        if (total - done) * cheapest > left_s + slack * full:
-            break  # no later total can fit either
-        costs = [fixed_s + pixel_s * progressive_cost(j, total, start, final) for j in range(done + 1, total + 1)]
-        if sum(costs) <= left_s + slack * costs[-1]:
-            best = total
-    return best
-
-
-def epoch_cost_model(epochs: list[tuple[float, float, float]], last: tuple[float, float, float]) -> tuple[float, float]:
-    """The next epochs' cost as (fixed_s, pixel_s) for `epochs_within`, from measured epochs.
-
-    Each epoch is (pixel share, training seconds, validation seconds). Training time is taken as a line in the
-    pixel share, fitted through the median time of each size (a cold first epoch or one noisy epoch does not
-    set the pace); with one size only it is taken as proportional to the pixels (the pessimistic choice for
-    the larger sizes to come). The epoch just finished (`last`, also when it is not in `epochs`) counts when it
-    was slower than the line: the machine got busier. Validation costs the median of the epochs, or the
-    last when it was slower.
-    """
-    import statistics
-
-    pts = epochs or [last]
-    by_size: dict[float, list[float]] = {}
-    for share, train_s, _ in pts:
-        by_size.setdefault(share, []).append(train_s)
-    xs = sorted(by_size)
-    ys = [statistics.median(by_size[x]) for x in xs]
-    fixed, slope = 0.0, statistics.median(t / x for x, t, _ in pts)
-    if len(xs) >= 2:
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        if b > 0 and my - b * mx >= 0:
-            fixed, slope = my - b * mx, b
-    expected = fixed + slope * last[0]
-    if last[1] > expected > 0:
-        fixed, slope = fixed * last[1] / expected, slope * last[1] / expected
-    other = max(statistics.median(o for *_, o in pts), last[2])
-    return fixed + other, slope

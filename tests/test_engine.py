@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cxrlab.data.augment import AugmentConfig, augment_batch
-from cxrlab.engine import (ArrayData, EarlyStopping, FocalLoss, InputSpec, StepConfig, epoch_order, mix_batch,
-                           predict_logits, recalibrate_batchnorm, train_one_epoch)
+from cxrlab.engine import (EarlyStopping, FocalLoss, InputSpec, epoch_order, mix_batch, predict_logits,
+                           recalibrate_batchnorm)
 
 SPEC = InputSpec([0.5], [0.25], 1)
 
@@ -248,8 +247,6 @@ def _budget_run(epochs: int = 10):
     run.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     run.scheduler = build_scheduler(run.optimizer, run.cfg)
     run.full_epochs, run.cut_short = [], False
-    run.pre, run.planned_epochs = SimpleNamespace(img_size=224), epochs
-    run.epoch_cost, run.epoch_train_s = 1.0, float("inf")  # full-size epochs; training = the whole epoch's time
     return run
 
 
@@ -471,134 +468,3 @@ def test_native_bf16_detection_matches_the_cpu_flags():
     flags = next((set(line.split(":", 1)[1].split()) for line in info.read_text().splitlines()
                   if line.startswith("flags")), set())
     assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def test_progressive_size_grows_in_four_stages_to_the_full_size():
-    from cxrlab.training_setup import progressive_cost, progressive_size
-
-    assert [progressive_size(e, 8, 128, 224) for e in range(1, 9)] == [128, 128, 160, 160, 192, 192, 224, 224]
-    # 10 epochs: stages of 2.5; sizes are multiples of 8 between the two ends
-    assert [progressive_size(e, 10, 128, 224) for e in range(1, 11)] == [128] * 3 + [160] * 2 + [192] * 3 + [224] * 2
-    assert [progressive_size(e, 4, 32, 64) for e in range(1, 5)] == [32, 40, 56, 64]
-    assert [progressive_size(e, 2, 128, 224) for e in (1, 2)] == [128, 224]  # fewer epochs than stages
-    assert progressive_size(1, 1, 128, 224) == 224  # a single epoch is the last stage
-    assert progressive_size(12, 10, 128, 224) == 224  # past the plan (it shrank): full size
-    assert {progressive_size(e, 10, 0, 224) for e in range(1, 11)} == {224}  # off
-    assert progressive_cost(1, 8, 112, 224) == 0.25
-
-
-def test_epochs_within_the_budget_with_and_without_progressive_resizing():
-    from cxrlab.training_setup import epochs_within
-
-    for left in (0.0, 3.0, 9.9, 10.0, 47.5, 95.0, 1000.0):  # without progression: floor(left / epoch + slack)
-        for done in (0, 3):
-            assert epochs_within(done, left, 2.0, 8.0, 30, 0, 224, 0.1) == min(30, done + int(left / 10.0 + 0.1))
-    # training time proportional to the pixels, 112 -> 224 px: a stage of 4 epochs costs 0.25 + 0.46 + 0.67 + 1
-    # = 2.39 full epochs (sizes 112, 152, 184, 224), 8 epochs 4.77: 4.8 full epochs' time buys 8 instead of 4
-    assert epochs_within(0, 4.8, 0.0, 1.0, 30, 112, 224, 0.0) == 8
-    assert epochs_within(0, 4.7, 0.0, 1.0, 30, 112, 224, 0.0) == 7
-    assert epochs_within(0, 4.8, 0.0, 1.0, 30, 0, 224, 0.0) == 4
-    # half of an epoch's time does not shrink (validation, per-step work): the same time buys 6
-    assert epochs_within(0, 4.8, 0.5, 0.5, 30, 112, 224, 0.0) == 6
-    assert epochs_within(0, 1e9, 0.0, 1.0, 30, 112, 224, 0.1) == 30  # capped at --epochs
-
-
-def test_epoch_cost_model_fits_a_line_in_the_pixels_through_each_size_median():
-    from cxrlab.training_setup import epoch_cost_model
-
-    # one size: training taken as proportional to the pixels (10 s at a quarter -> 40 s at full size)
-    assert epoch_cost_model([(0.25, 10.0, 5.0)], (0.25, 10.0, 5.0)) == (5.0, 40.0)
-    # two sizes on the line 4 + 24 * share, one noisy epoch at a quarter: the median of that size holds
-    epochs = [(0.25, 10.0, 5.0), (0.25, 30.0, 5.0), (0.25, 10.0, 5.0), (1.0, 28.0, 6.0)]
-    fixed, pixel = epoch_cost_model(epochs, epochs[-1])
-    assert fixed == pytest.approx(4.0 + 6.0) and pixel == pytest.approx(24.0)  # validation: the last, slower
-    # the machine got busier: an epoch at twice the line's time doubles the estimate; validation's last counts
-    fixed, pixel = epoch_cost_model(epochs, (1.0, 56.0, 7.0))
-    assert fixed == pytest.approx(8.0 + 7.0) and pixel == pytest.approx(48.0)
-    # all epochs at the full size (no --progressive-size): the median epoch, or the last when slower
-    same = [(1.0, 20.0, 5.0), (1.0, 22.0, 5.0), (1.0, 21.0, 5.0)]
-    assert sum(epoch_cost_model(same, same[-1])) == pytest.approx(26.0)
-    assert sum(epoch_cost_model(same, (1.0, 30.0, 5.0))) == pytest.approx(35.0)
-
-
-def test_time_budget_with_progressive_resizing_fits_more_epochs_and_ends_at_the_full_size():
-    """Epochs whose training time follows the pixels (40 s at full size) plus 10 s of validation, a 600 s
-    budget: the schedule is re-fitted on the full-size equivalent of each epoch and ends where the budget
-    does, with the last epochs at the full size; at the full size throughout only 12 would fit."""
-    from cxrlab.training_setup import progressive_size
-
-    run = _budget_run(epochs=40)
-    run.cfg.time_budget_min, run.cfg.progressive_size = 10.0, 112
-    elapsed, sizes, lrs, stopped_at = 0.0, [], [], None
-    for epoch in range(1, 41):
-        size = progressive_size(epoch, run.planned_epochs, 112, 224)
-        sizes.append(size)
-        run.epoch_cost = (size / 224) ** 2
-        run.epoch_train_s = 40.0 * run.epoch_cost
-        lrs.append(run.optimizer.param_groups[0]["lr"])
-        run._schedule(epoch, {})
-        elapsed += run.epoch_train_s + 10.0
-        if run._budget_after_epoch(epoch, elapsed, run.epoch_train_s + 10.0, full=True):
-            stopped_at = epoch
-            break
-    assert stopped_at == run.planned_epochs == run.scheduler.T_max + 1 == 18  # 12 at the full size
-    assert elapsed <= 600 * 1.02  # within the slack the mid-epoch guard absorbs
-    assert sizes[0] == 112 and sizes[-1] == 224 and sizes == sorted(sizes)
-    assert min(lrs) > 1e-4 and run.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
-
-
-def test_augment_batch_resizes_with_antialiasing_after_the_geometric_transforms():
-    still = AugmentConfig(flip=0, rotation=0, translate=0, crop_scale_min=1, brightness=0, contrast=0)
-    g = torch.Generator().manual_seed(0)
-    flat = torch.full((2, 64, 64), 100, dtype=torch.uint8)
-    out = augment_batch(flat, still, g, out_size=32)
-    assert out.shape == (2, 1, 32, 32) and torch.allclose(out, torch.full_like(out, 100.0), atol=1e-3)
-    # a one-pixel checkerboard averages to grey when halved (sampling every other pixel would keep 0 or 255)
-    board = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 255).to(torch.uint8).expand(2, 64, 64)
-    half = augment_batch(board, still, g, out_size=32)[:, :, 4:-4, 4:-4]
-    assert (half - 127.5).abs().max() < 2
-    assert augment_batch(board, still, g).shape == (2, 1, 64, 64)  # no out_size: the input's size
-
-
-def test_train_one_epoch_feeds_the_model_images_of_the_step_size():
-    seen = []
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[-2:])))
-    data = ArrayData(torch.randint(0, 256, (8, 48, 48), dtype=torch.uint8), torch.arange(8) % 2)
-    spec = InputSpec([0.5], [0.25], 1)
-    for size, want in ((32, (32, 32)), (0, (48, 48))):
-        seen.clear()
-        train_one_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), spec,
-                        StepConfig(4, 0, 1, 2, AugmentConfig(), progress=False, img_size=size), torch.device("cpu"))
-        assert seen == [want, want]
-
-
-def test_train_with_progressive_size_grows_the_images_and_a_resume_keeps_the_plan(synth_dir, tmp_path, caplog):
-    """4 epochs from 32 to 64 px: history.csv and train.log say the size of each epoch, validation and the
-    checkpoint stay at 64 px, and a resume with another start size is refused with the original one named."""
-    import csv
-    import logging
-
-    from cxrlab.checkpoint import load_checkpoint
-    from cxrlab.config import TrainConfig
-    from cxrlab.errors import CxrlabError
-    from cxrlab.train import fit
-
-    base = dict(data=str(synth_dir), out=str(tmp_path / "run"), model="small_cnn", img_size=64, batch_size=16,
-                report=False, cache=False, workers=0, precise_bn=0, progressive_size=32)
-    with caplog.at_level(logging.INFO, logger="cxrlab"):
-        fit(TrainConfig(epochs=4, **base), progress=False)
-    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
-    assert [int(r["train_px"]) for r in rows] == [32, 40, 56, 64]
-    assert "trained at 40 px" in (tmp_path / "run" / "train.log").read_text()
-    last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert last["img_size"] == 64 and last["train_state"]["planned_epochs"] == 4
-    with pytest.raises(CxrlabError, match="progressive_size was 32 .* is 48 now"):
-        fit(TrainConfig(epochs=5, **{**base, "progressive_size": 48}), resume=True, progress=False)
-    with pytest.raises(CxrlabError, match="--progressive-size 64 must be below --img-size 64"):
-        TrainConfig(**{**base, "progressive_size": 64}).validate()
-    with pytest.raises(CxrlabError, match=r"--progressive-size 512 must be below the training size 96 px \(small_cnn.s own"):
-        fit(TrainConfig(epochs=1, **{**base, "img_size": None, "progressive_size": 512,
-                                     "out": str(tmp_path / "r2")}), progress=False)
-    with pytest.raises(CxrlabError, match="model custom_cnn takes only 64 px images .* pools globally"):
-        fit(TrainConfig(epochs=1, **{**base, "model": "custom_cnn", "out": str(tmp_path / "r3")}), progress=False)

@@ -53,10 +53,6 @@ HELP = {
     "auto_freeze": "with --time-budget-min: time a training step first and, when fewer than 6 epochs of the whole "
                    "network would fit, keep the pretrained stem and high-resolution stages (down to 1/8 of the input "
                    "size) fixed as --freeze-stages does, so that more, cheaper epochs fit (the choice is in train.log)",
-    "progressive_size": "progressive resizing (EfficientNetV2's progressive learning): train the first epochs on "
-                        "images of this size, growing in 4 equal stages to --img-size for the last quarter "
-                        "(validation and precise BN always at full size); cheaper early epochs let more fit a "
-                        "--time-budget-min, e.g. 128 at 224 px (0: off)",
     "head_init": "random, or probe: fit the new head by logistic regression on the pretrained features before "
                  "fine-tuning (LP-FT)",
     "backbone_lr_mult": "learning-rate multiplier of the backbone (discriminative learning rates)",

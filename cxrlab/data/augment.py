@@ -151,7 +151,7 @@ def sharpness_matching_blur(images: torch.Tensor, labels: torch.Tensor, num_clas
 
 
 def augment_batch(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
-                  labels: torch.Tensor | None = None, out_size: int = 0) -> torch.Tensor:
+                  labels: torch.Tensor | None = None) -> torch.Tensor:
     """Augment a batch of grayscale images.
 
     Args:
@@ -159,11 +159,9 @@ def augment_batch(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
         cfg: strengths.
         g: CPU generator (the random draws are made on the CPU so results match across devices).
         labels: class indices (B,), needed only for `cfg.class_blur`.
-        out_size: square output size (0: the input's); after the geometric transforms and blur the batch is
-            resized with antialiasing (--progressive-size), before the photometric changes and noise.
 
     Returns:
-        float tensor (B, 1, out_size or H, out_size or W) on the 0..255 scale, same device.
+        float tensor (B, 1, H, W) on the 0..255 scale, same device.
     """
     x = batch.float()
     if x.ndim == 3:
@@ -180,8 +178,6 @@ def augment_batch(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
             top = torch.tensor(cfg.class_blur, dtype=torch.float32)[labels.cpu()]
             sigma = torch.sqrt(sigma**2 + (top * torch.rand(n, generator=g)) ** 2)
         x = gaussian_blur_batch(x, sigma)
-    if out_size and tuple(x.shape[-2:]) != (out_size, out_size):
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
     b = _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, g).to(x.device).view(n, 1, 1, 1)
     c = _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, g).to(x.device).view(n, 1, 1, 1)
     x = x * b
