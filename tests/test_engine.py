@@ -468,3 +468,41 @@ def test_native_bf16_detection_matches_the_cpu_flags():
     flags = next((set(line.split(":", 1)[1].split()) for line in info.read_text().splitlines()
                   if line.startswith("flags")), set())
     assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def test_cosine_is_followed_within_each_epoch_and_the_last_epoch_anneals_to_the_minimum():
+    """Each epoch's steps go linearly from its rate to the next epoch's (what the per-epoch step then sets,
+    also after the budget moves the schedule's end); the last epoch of the schedule ends at the minimum."""
+    run = _budget_run(epochs=6)  # 1 warm-up epoch, cosine over epochs 2-6 (T_max 5), lr 0.1
+    assert run._lr_hook(1, 4) is not None and run._epoch_lrs is None  # the warm-up hook
+    for epoch in (2, 3, 4):
+        hook = run._lr_hook(epoch, 4)
+        start, end = run._epoch_lrs[0], run._cosine_next_lrs()[0]
+        seen = []
+        for i in range(4):
+            hook(i)
+            seen.append(run.optimizer.param_groups[0]["lr"])
+        assert seen == pytest.approx([start + (end - start) * i / 4 for i in range(4)])
+        run.optimizer.param_groups[0]["lr"] = start  # as run_epoch does
+        run._schedule(epoch, {})
+        assert run.optimizer.param_groups[0]["lr"] == pytest.approx(end)  # the scheduler agrees
+        if epoch == 2:
+            assert (start, end) == pytest.approx((0.1, 0.1 * (1 + math.cos(math.pi / 5)) / 2))
+            run._fit_cosine_to_budget(4, 10.0)  # the budget moves the end to epoch 4 (T_max 3)
+    assert end == pytest.approx(0.0, abs=1e-12)  # the last epoch annealed to the minimum
+    assert run._cosine_next_lrs() is None and run._lr_hook(5, 4) is None  # ended: the rate stays at the minimum
+
+
+def test_history_reports_each_epochs_starting_rate_of_the_cosine(synth_dir, tmp_path):
+    """3 epochs, 1 of warm-up: the cosine (T_max 2) starts epoch 2 at lr and epoch 3 at lr / 2; the steps in
+    between do not leak into the next epoch's start (the scheduler steps from the epoch's own rate)."""
+    import csv
+
+    from cxrlab.config import TrainConfig
+    from cxrlab.train import fit
+
+    fit(TrainConfig(data=str(synth_dir), out=str(tmp_path / "run"), model="small_cnn", img_size=48, batch_size=16,
+                    epochs=3, warmup_epochs=1, scheduler="cosine", lr=0.01, report=False, cache=False, workers=0,
+                    precise_bn=0), progress=False)
+    lrs = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "run" / "history.csv"))]
+    assert lrs == pytest.approx([0.01, 0.01, 0.005])
