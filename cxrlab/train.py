@@ -318,41 +318,6 @@ class Run:
                 gr["lr"] = gr["base_lr"] * frac
         return hook
 
-    def _cosine_next_lrs(self) -> list[float] | None:
-        """The learning rates the cosine schedule's next (per-epoch) step will set, or None (another
-        scheduler, or the schedule has ended). PyTorch's recursive form, as `CosineAnnealingLR.step` computes
-        it from the current rates: the distance to the minimum times a ratio of cosines."""
-        sched = self.scheduler
-        if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) or sched.last_epoch >= sched.T_max:
-            return None
-        k, t = sched.last_epoch + 1, sched.T_max
-        ratio = (1 + math.cos(math.pi * k / t)) / (1 + math.cos(math.pi * (k - 1) / t))
-        return [sched.eta_min + (g["lr"] - sched.eta_min) * ratio for g in self.optimizer.param_groups]
-
-    def _lr_hook(self, epoch: int, n_batches: int):
-        """The per-step learning rate: the linear warm-up, then the cosine schedule followed within each epoch.
-
-        The schedule is stepped per epoch (so that the time budget can re-fit it between epochs), but an epoch
-        does not train at one rate: its steps go linearly from the epoch's rate to the next epoch's, so the
-        last epoch of the schedule anneals to the minimum instead of training at the rate of its start (which,
-        with the 2-3 epochs a large data set gets on a slow CPU, was the peak rate). `run_epoch` puts the
-        epoch's own rates back before the scheduler steps (its recursive step starts from them).
-        """
-        self._epoch_lrs = None
-        warm = self._warmup_hook(epoch, n_batches)
-        if warm is not None:
-            return warm
-        ends = self._cosine_next_lrs()
-        if ends is None:
-            return None
-        starts = self._epoch_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        groups = self.optimizer.param_groups
-
-        def hook(i: int) -> None:
-            for g, a, b in zip(groups, starts, ends):
-                g["lr"] = a + (b - a) * i / n_batches
-        return hook
-
     def run_epoch(self, epoch: int) -> dict:
         cfg, t = self.cfg, Timer()
         if cfg.freeze_epochs:
@@ -365,10 +330,8 @@ class Run:
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
         on_step = (lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None
         tr = train_one_epoch(self.train_model, train, self.optimizer, self.criterion, self.spec, step, self.device,
-                             self.dist, self.scaler, on_batch=self._lr_hook(epoch, n_batches), on_step=on_step,
+                             self.dist, self.scaler, on_batch=self._warmup_hook(epoch, n_batches), on_step=on_step,
                              stop=self._budget_stop(micro))
-        for g, lr in zip(self.optimizer.param_groups, self._epoch_lrs or []):
-            g["lr"] = lr  # the epoch's own rate: the scheduler steps from it (and history.csv reports it)
         self.cut_short = tr["batches"] < n_batches
         if self.cut_short:
             log.info("time budget: epoch %d ended after %d of %d batches to leave time for validation", epoch,
