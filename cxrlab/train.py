@@ -27,7 +27,7 @@ from cxrlab.config import TrainConfig, save_yaml
 from cxrlab.data.augment import AugmentConfig
 from cxrlab.data.dataset import DataIndex, build_index
 from cxrlab.data.preprocess import Preprocess
-from cxrlab.engine import (ArrayData, DistInfo, EarlyStopping, InputSpec, StepConfig, Timer, average_buffers,
+from cxrlab.engine import (ArrayData, EarlyStopping, InputSpec, StepConfig, Timer, average_buffers,
                            epoch_metrics, predict_logits, recalibrate_batchnorm, resolve_amp, train_one_epoch,
                            weight_ema)
 from cxrlab.errors import CxrlabError

@@ -102,7 +102,7 @@ def test_manifest_with_sources_and_path_escape(tmp_path):
 
 
 def test_dicom_monochrome1_is_inverted_through_the_preset(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

@@ -6,7 +6,6 @@ import gc
 import json
 import resource
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest

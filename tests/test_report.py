@@ -224,7 +224,7 @@ def test_gallery_splits_correct_and_wrong_latest_epoch(run_dir):
     assert "epoch 3" in page and "epoch 1" not in page  # only the latest epoch of img000
     assert "notes" not in page  # names that do not parse are left out
     y20 = CLASSES[2]
-    assert f"img020 <span" in page and f"true {y20}" in page  # explain output labelled from predictions
+    assert "img020 <span" in page and f"true {y20}" in page  # explain output labelled from predictions
 
 
 def test_cli_report(run_dir, capsys):

@@ -7,6 +7,10 @@ import dataclasses
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cxrlab.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +142,7 @@ def parse_model_args(items: list[str]) -> dict:
     return out
 
 
-def config_from_args(args) -> "TrainConfig":
+def config_from_args(args) -> TrainConfig:
     """Merge: defaults < --config file < command-line options."""
     from cxrlab.config import TrainConfig, load_yaml
     from cxrlab.errors import CxrlabError

@@ -154,7 +154,7 @@ def _body(a: Anatomy, x, y, lungs, rng) -> np.ndarray:
 
 def _bones(a: Anatomy, x, y, lungs, rng) -> np.ndarray:
     """Spine with vertebrae, posterior and anterior ribs, clavicles (attenuation)."""
-    d, sd = np.abs(x - a.cx), x - a.cx
+    d = np.abs(x - a.cx)
     gap, curve, th = a.ribs
     period = gap * 0.55
     plates = 1 - 0.4 * np.exp(-((np.mod(y - a.apex, period) / period - 0.5) / 0.09) ** 2)
