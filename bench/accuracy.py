@@ -11,7 +11,9 @@ Selects on validation only (carved from train and grouped by patient when there 
 evaluates `best.pt` once on the test split, and writes RUN_DIR/best.pt and RUN_DIR/metrics.json
 (the `cxrlab evaluate` schema; with a manifest that has a `source` column, metrics per source are in
 metrics.json["groups"]). With `--members K` the budget is split between K models trained with seeds S,
-S+1000, ... on one validation carve and averaged (OUT/memberI/, the ensemble in OUT/). Prints a one-line
+S+1000, ... on one validation carve and averaged (OUT/memberI/, the ensemble in OUT/); `--parallel P` trains P
+members at once in their own processes (on a GPU, whose batch-32 steps leave it mostly idle, or one member per
+GPU), so each gets P/K of the budget instead of 1/K. Prints a one-line
 summary and appends nothing by itself: copy the numbers into docs/BENCHMARKS.md with the command, machine
 and date.
 """
@@ -112,6 +114,10 @@ def main() -> int:
                    help="train this many models (seeds S, S+1000, ...) on the same validation carve, each with 1/K of "
                         "the budget, and average them (cxrlab ensemble, temperature fitted on validation): OUT/memberI/ "
                         "and the ensemble as OUT/best.pt and OUT/metrics.json")
+    p.add_argument("--parallel", type=int, default=1, metavar="P",
+                   help="with --members: train P members at once, each in its own process (CPU threads split between "
+                        "them; with several GPUs, member i on GPU i mod N), so each member gets P/K of the budget; "
+                        "for GPUs, where one batch-32 run leaves the device mostly idle (default 1: one after another)")
     p.add_argument("--stress", action="store_true",
                    help="after the run (outside the budget), stress-test best.pt on the validation carve and the test "
                         "split (cxrlab stress): OUT/stress_val.json, OUT/stress_test.json, flip rates in the summary")
@@ -121,6 +127,10 @@ def main() -> int:
                    help="override any recipe field (TrainConfig name), e.g. --set mixup=0.2, or a mapping as "
                         "--set model_kwargs=drop_path_rate:0.2,drop_rate:0.2; repeatable")
     args = p.parse_args()
+    if args.parallel < 1 or args.members < 1:
+        p.error("--members and --parallel must be at least 1")
+    if args.parallel > 1 and args.members == 1:
+        p.error("--parallel trains ensemble members side by side; give --members K (K > 1) as well")
     _reexec_with_allocator()
 
     from cxrlab.cli import setup_logging
@@ -158,19 +168,21 @@ def run_one(args, data: Path, recipe: dict, seed: int, out: Path) -> dict:
     """Train, select on validation and test one seed within the budget (`--members K`: K models, averaged);
     writes out/bench_summary.json."""
     from cxrlab.config import TrainConfig
-    from cxrlab.train import fit
 
     t0 = time.perf_counter()
     manifest = data / "manifest.csv"
     k = max(1, args.members)
+    parallel = min(max(1, args.parallel), k)
+    rounds = -(-k // parallel)  # members trained one after another in each process
     # decode, calibration, test evaluation and report; with K members also K-1 more of those and the ensemble's
-    margin = 2.5 + 0.05 * args.budget_min + 1.0 * (k - 1)
-    member_budget = max(1.0, (args.budget_min - margin) / k)
+    # (members side by side do theirs at the same time, but share the machine while they do)
+    margin = 2.5 + 0.05 * args.budget_min + 1.0 * (rounds - 1) + 0.25 * (k - rounds)
+    member_budget = max(1.0, (args.budget_min - margin) / rounds)
     cfgs = [TrainConfig(data=str(data), manifest=str(manifest) if manifest.is_file() else None,
                         out=str(out if k == 1 else out / f"member{i}"), seed=seed + 1000 * i, split_seed=seed,
                         group_regex=PATIENT_REGEX, val_fraction=0.15, time_budget_min=member_budget, **recipe)
             for i in range(k)]
-    results = [fit(cfg, progress=False) for cfg in cfgs]
+    results = train_members(cfgs, parallel)
     if k > 1:
         ensemble_members(cfgs, out)
     wall = time.perf_counter() - t0
@@ -194,6 +206,61 @@ def run_one(args, data: Path, recipe: dict, seed: int, out: Path) -> dict:
     return summary
 
 
+def train_members(cfgs: list, parallel: int) -> list[dict]:
+    """`fit` each config; with parallel > 1 in that many spawned processes at once (images decoded into the
+    cache once beforehand, CPU threads split between the processes, member i on GPU i mod N when there are
+    N > 1 GPUs). Returns the fit results in the order of `cfgs`; a member that fails stops the run."""
+    from cxrlab.train import fit
+
+    if parallel <= 1:
+        return [fit(cfg, progress=False) for cfg in cfgs]
+    import dataclasses
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    # the user's OMP_NUM_THREADS wins; else the cores are split between the members
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // parallel)
+    gpus = torch.cuda.device_count()  # NVML: leaves this process without a CUDA context
+    cfgs = [dataclasses.replace(c, workers=threads, device=f"cuda:{i % gpus}" if gpus > 1 and c.device == "auto" else c.device)
+            for i, c in enumerate(cfgs)]
+    warm_cache(cfgs[0])
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_member_process, initargs=(threads,)) as pool:
+        return list(pool.map(_fit_member, cfgs))
+
+
+def warm_cache(cfg) -> None:
+    """Decode every image of the run's data once into the cache, so that members started together read it
+    instead of decoding the same files side by side."""
+    from cxrlab.data.cache import load_arrays
+    from cxrlab.train import data_index
+    from cxrlab.training_setup import resolve_preprocess
+
+    if not cfg.cache:
+        return
+    index = data_index(cfg)
+    paths = [s.path for samples in index.splits.values() for s in samples]
+    load_arrays(paths, resolve_preprocess(cfg), cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+                workers=min(os.cpu_count() or 1, 8))
+
+
+def _member_process(threads: int) -> None:
+    import torch
+
+    from cxrlab.cli import setup_logging
+
+    torch.set_num_threads(threads)
+    setup_logging(quiet=True)  # members side by side: warnings only on the console, INFO in each train.log
+
+
+def _fit_member(cfg) -> dict:
+    from cxrlab.train import fit
+
+    return fit(cfg, progress=False)
+
+
 def ensemble_members(cfgs: list, out: Path) -> dict:
     """Average the members' best.pt into out/best.pt, fit its temperature on their shared validation carve and
     evaluate it once on the test split (out/metrics.json, the evaluate schema, per source with a manifest)."""
@@ -204,18 +271,21 @@ def ensemble_members(cfgs: list, out: Path) -> dict:
     from cxrlab.inference import bundle_for
     from cxrlab.train import data_index
 
+    import torch
+
     cfg = cfgs[0]
+    device = "cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
     ckpt = build_ensemble([Path(c.out) / "best.pt" for c in cfgs])
     index = data_index(cfg)
     val = index.splits["val"]
-    logits, ok, _ = bundle_for(ckpt, "cpu").logits_for_files([s.path for s in val])
+    logits, ok, _ = bundle_for(ckpt, device).logits_for_files([s.path for s in val])
     ckpt = calibrate_checkpoint(ckpt, logits, label_indices([val[i] for i in ok], list(ckpt["class_names"])),
                                 cfg.target_recall, cfg.calibrate)
     ckpt["calibration_fitted_on"] = f"the members' validation carve ({len(ok)} images)"
     save_checkpoint(ckpt, out / "best.pt")
     has_source = any(s.source for s in index.splits.get("test", []))
     return evaluate_checkpoint(out / "best.pt", cfg.data, out, split="test", manifest=cfg.manifest,
-                               group_by="source" if has_source else None, device="cpu")
+                               group_by="source" if has_source else None, device=device)
 
 
 def stress_run(cfg, out: Path) -> dict:

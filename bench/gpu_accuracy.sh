@@ -7,9 +7,13 @@
 #   bash bench/gpu_accuracy.sh DATA_DIR OUT_DIR [SEED:EPOCHS ...]
 #
 # Default runs, in this order: 3:16 (CPU seed 3 ran 16 epochs in 26 min: 0.949 / 0.979), 3:30, 4:30, 0:30.
+# BUDGET_MIN (default 30) is the run's --budget-min (with EXTRA="--members K --parallel P" the members' share of it
+# bounds their epochs, so that a slower machine trims epochs instead of running into the deadline).
 # DEADLINE_S (default 480) stops starting new runs once that many seconds have passed, and the run in
 # progress is cut at the deadline, so the finished runs' summaries always come back.
 # Each finished run appends one line to OUT_DIR/summary.jsonl; logs and metrics go to OUT_DIR/runs.tar.gz.
+# EXTRA adds arguments to every run, e.g. EXTRA="--members 5 --parallel 5": five members trained side by side
+# on the one GPU and averaged (the members' own test numbers are in the summary line too).
 set -u
 DATA=${1:?usage: bash bench/gpu_accuracy.sh DATA_DIR OUT_DIR [SEED:EPOCHS ...]}
 OUT=${2:?usage: bash bench/gpu_accuracy.sh DATA_DIR OUT_DIR [SEED:EPOCHS ...]}
@@ -33,12 +37,13 @@ for run in "${RUNS[@]}"; do
   name=s${seed}_e${epochs}
   t0=$SECONDS
   if timeout $left $PY bench/accuracy.py --data "$DATA" --out "$W/$name" --seed "$seed" --epochs "$epochs" \
-      --budget-min 30 ${EXTRA:-} >"$W/$name.log" 2>&1; then
+      --budget-min "${BUDGET_MIN:-30}" ${EXTRA:-} >"$W/$name.log" 2>&1; then
     $PY - "$W/$name/bench_summary.json" "$name" "$epochs" >>"$OUT/summary.jsonl" <<'EOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(json.dumps({"run": sys.argv[2], "epochs": int(sys.argv[3]), **{k: s[k] for k in
-      ("seed", "wall_s", "best_epoch", "accuracy", "auc_macro", "macro_f1", "recall", "specificity")}}))
+      ("seed", "wall_s", "best_epoch", "accuracy", "auc_macro", "macro_f1", "recall", "specificity", "members")
+      if k in s}}))
 EOF
     echo "ok   $name ($((SECONDS - t0)) s): $(tail -n 1 "$OUT/summary.jsonl")"
   else

@@ -24,6 +24,11 @@ Each configuration runs in its own child process. Usage:
     python bench/throughput.py --json throughput.json
     python bench/throughput.py --data ../shared/data/pneumonia/train --images 512
     python bench/throughput.py --device cuda --images 2048 --json throughput_gpu.json
+    python bench/throughput.py --models efficientnet_lite0 --precisions fp32 --side-by-side 2 --images 128
+
+`--side-by-side P` also times P cxrlab children training at once, the CPU threads split between them (what
+`bench/accuracy.py --members K --parallel P` does with ensemble members): the images/s of all of them together,
+from the first child's start to the last one's end of the timed epoch (the children wait for each other first).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +47,7 @@ from common import (ALLOC_VARS, env_with, geomean, image_files, machine_info, ma
                     pick_evenly, run_child)
 
 BATCH, INFER_BATCH, NAIVE_WORKERS, LR = 32, 64, 2, 1e-4
+PRECISIONS = ("fp32", "bf16")
 
 
 def cpu_seconds() -> float:
@@ -165,11 +172,15 @@ def cxrlab_child(a: argparse.Namespace, files: list[str]) -> dict:
             step = StepConfig(BATCH, 0, 0, 2, AugmentConfig(), amp=amp, progress=False)
             train_one_epoch(model, warm, opt, crit, ispec, step, dev)
             _sync(dev)
+            if a.barrier:
+                _wait_for_siblings(Path(a.barrier), a.barrier_n, prec)
+            out[f"{prec}_train_start"] = time.time()
             t0, c0 = time.perf_counter(), cpu_seconds()
             train_one_epoch(model, data, opt, crit, ispec, StepConfig(BATCH, 0, 1, 2, AugmentConfig(), amp=amp,
                                                                       progress=False), dev)
             _sync(dev)
             train_s, train_cpu = time.perf_counter() - t0, cpu_seconds() - c0
+            out[f"{prec}_train_end"] = time.time()
             predict_logits(model, data.images[:INFER_BATCH], ispec, dev, INFER_BATCH, amp=amp)
             t0 = time.perf_counter()
             arr, _, _ = load_arrays(files, pre, cache_dir=Path(cache), workers=0)  # predict from files, cache warm
@@ -181,10 +192,20 @@ def cxrlab_child(a: argparse.Namespace, files: list[str]) -> dict:
     return out
 
 
+def _wait_for_siblings(folder: Path, n: int, tag: str, timeout: float = 600) -> None:
+    """Side by side: say this child is ready for the timed `tag` epoch, then wait until all `n` are."""
+    (folder / f"{tag}.{os.getpid()}").touch()
+    t0 = time.perf_counter()
+    while len(list(folder.glob(f"{tag}.*"))) < n:
+        if time.perf_counter() - t0 > timeout:
+            raise SystemExit(f"side by side: the other children did not get ready within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 # ----------------------------------------------------------------------------- driver
 def _child_argv(kind: str, model: str, a: argparse.Namespace, list_file: str, root: str, **extra) -> list[str]:
     argv = [__file__, "--child", kind, "--model", model, "--file-list", list_file, "--root", root,
-            "--img-size", str(a.img_size), "--device", a.device]
+            "--img-size", str(a.img_size), "--device", a.device, "--precisions", a.precisions]
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     return argv
@@ -198,7 +219,8 @@ def measure_model(model: str, a: argparse.Namespace, list_file: str, root: str) 
         print(f"  {model} naive: train {runs['naive'][-1]['train_ips']:.1f} img/s", flush=True)
         runs["cxrlab"].append(run_child(_child_argv("cxrlab", model, a, list_file, root), env_with(alloc=True)))
         c = runs["cxrlab"][-1]
-        print(f"  {model} cxrlab: train fp32 {c['fp32']['train_ips']:.1f}, bf16 {c['bf16']['train_ips']:.1f} img/s", flush=True)
+        print(f"  {model} cxrlab: train " + ", ".join(f"{p} {c[p]['train_ips']:.1f}" for p in PRECISIONS if p in c)
+              + " img/s", flush=True)
     if a.ablations:
         runs["ablations"]["cxrlab_default_malloc"] = run_child(_child_argv("cxrlab", model, a, list_file, root),
                                                                env_with(alloc=False))
@@ -207,19 +229,46 @@ def measure_model(model: str, a: argparse.Namespace, list_file: str, root: str) 
     for n in [int(x) for x in a.freeze_stages_list.split(",") if x.strip()]:
         runs["ablations"][f"cxrlab_freeze_stages_{n}"] = r = run_child(
             _child_argv("cxrlab", model, a, list_file, root, child_freeze_stages=n), env_with(alloc=True))
-        print(f"  {model} cxrlab --freeze-stages {n}: train fp32 {r['fp32']['train_ips']:.1f}, "
-              f"bf16 {r['bf16']['train_ips']:.1f} img/s", flush=True)
+        print(f"  {model} cxrlab --freeze-stages {n}: train "
+              + ", ".join(f"{p} {r[p]['train_ips']:.1f}" for p in PRECISIONS if p in r) + " img/s", flush=True)
+    for n in [int(x) for x in a.side_by_side.split(",") if x.strip()]:
+        runs["ablations"][f"cxrlab_side_by_side_{n}"] = side_by_side(model, a, list_file, root, n)
     return summarise(runs)
+
+
+def side_by_side(model: str, a: argparse.Namespace, list_file: str, root: str, procs: int) -> dict:
+    """`procs` cxrlab children at once with the CPU threads split between them: images/s of all together."""
+    threads = max(1, (os.cpu_count() or 1) // procs)
+    env = {**env_with(alloc=True), "OMP_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory(prefix="cxrlab-bench-barrier-") as barrier:
+        argv = _child_argv("cxrlab", model, a, list_file, root, barrier=barrier, barrier_n=procs)
+        children = [subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True) for _ in range(procs)]
+        results = []
+        for child in children:
+            out, err = child.communicate(timeout=1800)
+            if child.returncode != 0:
+                raise RuntimeError(f"side-by-side child failed (exit {child.returncode}):\n{err[-3000:]}")
+            results.append(json.loads([ln for ln in out.splitlines() if ln.strip()][-1]))
+    res: dict = {"procs": procs, "threads_each": threads}
+    for prec in a.precisions.split(","):
+        span = max(r[f"{prec}_train_end"] for r in results) - min(r[f"{prec}_train_start"] for r in results)
+        res[prec] = {"train_ips": sum(r["images"] for r in results) / span,
+                     "train_ips_each": [r[prec]["train_ips"] for r in results],
+                     "infer_ips": sum(r[prec]["infer_ips"] for r in results)}
+    print(f"  {model} cxrlab, {procs} side by side ({threads} thread(s) each): train "
+          + ", ".join(f"{p} {res[p]['train_ips']:.1f}" for p in a.precisions.split(",")) + " img/s together", flush=True)
+    return res
 
 
 def summarise(runs: dict) -> dict:
     """Best-of-repeats images/s per configuration and the cxrlab/naive ratios."""
     keys = ("train_ips", "infer_ips", "train_img_per_cpu_s")
     naive = {k: max(r[k] for r in runs["naive"]) for k in keys}
-    cx = {p: {k: max(r[p][k] for r in runs["cxrlab"]) for k in keys} for p in ("fp32", "bf16")}
+    cx = {p: {k: max(r[p][k] for r in runs["cxrlab"]) for k in keys} for p in PRECISIONS if p in runs["cxrlab"][0]}
     best_train = max(cx, key=lambda p: cx[p]["train_ips"])
     best_infer = max(cx, key=lambda p: cx[p]["infer_ips"])
-    res = {"naive": naive, "cxrlab_fp32": cx["fp32"], "cxrlab_bf16": cx["bf16"],
+    res = {"naive": naive, **{f"cxrlab_{p}": v for p, v in cx.items()},
            "train_precision": best_train, "infer_precision": best_infer,
            "train_speedup": cx[best_train]["train_ips"] / naive["train_ips"],
            "infer_speedup": cx[best_infer]["infer_ips"] / naive["infer_ips"],
@@ -228,7 +277,9 @@ def summarise(runs: dict) -> dict:
            "decode_cold_s": min(r["decode_cold_s"] for r in runs["cxrlab"]),
            "decode_warm_s": min(r["decode_warm_s"] for r in runs["cxrlab"]), "raw": runs}
     for name, r in runs["ablations"].items():
-        res[name] = {p: {k: r[p][k] for k in ("train_ips", "infer_ips")} for p in ("fp32", "bf16")}
+        res[name] = {p: {k: r[p][k] for k in ("train_ips", "infer_ips")} for p in PRECISIONS if p in r}
+        if "procs" in r:
+            res[name].update(procs=r["procs"], threads_each=r["threads_each"])
     return res
 
 
@@ -286,9 +337,9 @@ def report(a: argparse.Namespace, per_model: dict, n: int, seconds: float) -> di
     print(f"\n{'model':20s} {'config':14s} {'train img/s':>12s} {'infer img/s':>12s}")
     for m, r in per_model.items():
         for cfg in ("naive", "cxrlab_fp32", "cxrlab_bf16", "cxrlab_default_malloc", "cxrlab_no_channels_last",
-                    *[k for k in r if k.startswith("cxrlab_freeze_stages_")]):
+                    *[k for k in r if k.startswith(("cxrlab_freeze_stages_", "cxrlab_side_by_side_"))]):
             if cfg in r:
-                v = r[cfg] if "train_ips" in r[cfg] else r[cfg]["fp32"]
+                v = r[cfg] if "train_ips" in r[cfg] else r[cfg][next(p for p in PRECISIONS if p in r[cfg])]
                 print(f"{m:20s} {cfg:14s} {v['train_ips']:12.1f} {v['infer_ips']:12.1f}")
         print(f"{m:20s} speedup train {r['train_speedup']:.2f}x ({r['train_precision']}), infer "
               f"{r['infer_speedup']:.2f}x ({r['infer_precision']}); one-time decode {r['decode_cold_s']:.1f} s")
@@ -309,6 +360,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="32 images: a smoke run")
     p.add_argument("--freeze-stages", dest="freeze_stages_list", default="", metavar="N1,N2",
                    help="also cxrlab with the stem and the first N stages fixed (training's --freeze-stages), per N")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="cxrlab precisions to time, comma-separated (default fp32,bf16; fp32 alone on a CPU without "
+                        "native bf16, where bf16 is emulated and slow)")
+    p.add_argument("--side-by-side", default="", metavar="P1,P2",
+                   help="also P cxrlab children training at once, the threads split between them, per P "
+                        "(bench/accuracy.py --parallel); their images/s together")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: both pipelines train and infer there "
                                                     "(cxrlab augments on the device; bf16 is CUDA autocast there)")
     p.add_argument("--child", choices=["naive", "cxrlab"], help=argparse.SUPPRESS)
@@ -317,7 +374,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--channels-last", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--child-freeze-stages", dest="freeze_stages", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--precisions", default="fp32,bf16", help=argparse.SUPPRESS)
+    p.add_argument("--barrier", help=argparse.SUPPRESS)
+    p.add_argument("--barrier-n", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
