@@ -116,7 +116,7 @@ def main() -> int:
                         "and the ensemble as OUT/best.pt and OUT/metrics.json")
     p.add_argument("--parallel", type=int, default=1, metavar="P",
                    help="with --members: train P members at once, each in its own process (CPU threads split between "
-                        "them; with several GPUs, member i on GPU i mod N), so each member gets P/K of the budget; "
+                        "them; with several GPUs, one GPU per process, round robin), so each member gets P/K of the budget; "
                         "for GPUs, where one batch-32 run leaves the device mostly idle (default 1: one after another)")
     p.add_argument("--stress", action="store_true",
                    help="after the run (outside the budget), stress-test best.pt on the validation carve and the test "
@@ -208,8 +208,8 @@ def run_one(args, data: Path, recipe: dict, seed: int, out: Path) -> dict:
 
 def train_members(cfgs: list, parallel: int) -> list[dict]:
     """`fit` each config; with parallel > 1 in that many spawned processes at once (images decoded into the
-    cache once beforehand, CPU threads split between the processes, member i on GPU i mod N when there are
-    N > 1 GPUs). Returns the fit results in the order of `cfgs`; a member that fails stops the run."""
+    cache once beforehand, CPU threads split between the processes, worker w on GPU w mod N when there are
+    N > 1 GPUs and the device is auto). Returns the fit results in the order of `cfgs`; a member that fails stops the run."""
     from cxrlab.train import fit
 
     if parallel <= 1:
@@ -222,12 +222,12 @@ def train_members(cfgs: list, parallel: int) -> list[dict]:
 
     # the user's OMP_NUM_THREADS wins; else the cores are split between the members
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // parallel)
-    gpus = torch.cuda.device_count()  # NVML: leaves this process without a CUDA context
-    cfgs = [dataclasses.replace(c, workers=threads, device=f"cuda:{i % gpus}" if gpus > 1 and c.device == "auto" else c.device)
-            for i, c in enumerate(cfgs)]
+    gpus = torch.cuda.device_count() if cfgs[0].device == "auto" else 0  # NVML: no CUDA context here
+    cfgs = [dataclasses.replace(c, workers=threads) for c in cfgs]
     warm_cache(cfgs[0])
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_member_process, initargs=(threads,)) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_member_process,
+                             initargs=(threads, gpus, ctx.Value("i", 0))) as pool:
         return list(pool.map(_fit_member, cfgs))
 
 
@@ -246,7 +246,22 @@ def warm_cache(cfg) -> None:
                 workers=min(os.cpu_count() or 1, 8))
 
 
-def _member_process(threads: int) -> None:
+def worker_gpu(worker: int, gpus: int, visible: str | None) -> str | None:
+    """The CUDA_VISIBLE_DEVICES of side-by-side worker `worker` (0, 1, ...): one GPU each, round robin over the
+    `gpus` visible ones (named by `visible`, the parent's CUDA_VISIBLE_DEVICES, when set); None (all, unchanged)
+    with fewer than two GPUs."""
+    if gpus < 2:
+        return None
+    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(gpus)]
+    return names[worker % min(gpus, len(names))]
+
+
+def _member_process(threads: int, gpus: int, counter) -> None:
+    with counter.get_lock():
+        worker, counter.value = counter.value, counter.value + 1
+    gpu = worker_gpu(worker, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch is imported here: this worker's cuda:0
     import torch
 
     from cxrlab.cli import setup_logging

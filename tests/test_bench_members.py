@@ -72,3 +72,15 @@ def test_parallel_without_members_is_refused(synth_dir, tmp_path):
     r = bench(synth_dir, tmp_path / "x", tmp_path / "cache", "--parallel", "2")
     assert r.returncode == 2 and "--parallel trains ensemble members side by side; give --members K" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_worker_gpu_gives_each_side_by_side_process_one_gpu():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from accuracy import worker_gpu
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    assert [worker_gpu(w, 1, None) for w in range(3)] == [None, None, None]  # one GPU: every process shares it
+    assert [worker_gpu(w, 2, None) for w in range(5)] == ["0", "1", "0", "1", "0"]
+    # the parent's own CUDA_VISIBLE_DEVICES is kept: its GPUs, by their names
+    assert [worker_gpu(w, 3, "2, 5,7") for w in range(4)] == ["2", "5", "7", "2"]
