@@ -224,8 +224,9 @@ def train_members(cfgs: list, parallel: int) -> list[dict]:
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // parallel)
     gpus = torch.cuda.device_count() if cfgs[0].device == "auto" else 0  # NVML: no CUDA context here
     if not gpus and cfgs[0].device in ("auto", "cpu"):
-        print(f"--parallel {parallel} on a CPU: the members share its {os.cpu_count()} cores and train no faster in "
-              "total than one after another (docs/BENCHMARKS.md, 'Five ensemble members side by side')", file=sys.stderr)
+        print(f"--parallel {parallel} without a GPU: the members share this CPU's {os.cpu_count()} cores; on a 2-core CPU "
+              "they trained no faster in total than one after another (docs/BENCHMARKS.md, 'Five ensemble members "
+              "side by side on one GPU')", file=sys.stderr)
     cfgs = [dataclasses.replace(c, workers=threads) for c in cfgs]
     warm_cache(cfgs[0])
     ctx = multiprocessing.get_context("spawn")
