@@ -217,6 +217,7 @@ def train_members(cfgs: list, parallel: int) -> list[dict]:
     import dataclasses
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
 
     import torch
 
@@ -232,7 +233,7 @@ def train_members(cfgs: list, parallel: int) -> list[dict]:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_member_process,
                              initargs=(threads, gpus, ctx.Value("i", 0))) as pool:
-        return list(pool.map(_fit_member, cfgs))
+        return list(pool.map(partial(fit, progress=False), cfgs))
 
 
 def warm_cache(cfg) -> None:
@@ -272,12 +273,6 @@ def _member_process(threads: int, gpus: int, counter) -> None:
 
     torch.set_num_threads(threads)
     setup_logging(quiet=True)  # members side by side: warnings only on the console, INFO in each train.log
-
-
-def _fit_member(cfg) -> dict:
-    from cxrlab.train import fit
-
-    return fit(cfg, progress=False)
 
 
 def ensemble_members(cfgs: list, out: Path) -> dict:

@@ -85,11 +85,26 @@ def make_phantom_folder(out: str | Path, n: int, size: int = 224, seed: int = 0)
 
 def run_child(argv: list[str], env: dict, timeout: float = 1200) -> dict:
     """Run `python argv...` with `env`; its last stdout line must be a JSON object, returned here."""
-    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {' '.join(argv[:4])} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    return json.loads(lines[-1])
+    return run_children([argv], env, timeout)[0]
+
+
+def run_children(argvs: list[list[str]], env: dict, timeout: float = 1200) -> list[dict]:
+    """`run_child` for several children at once (all started, then waited for): their JSON objects, in order."""
+    procs = [subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in argvs]
+    results = []
+    try:
+        for argv, proc in zip(argvs, procs):
+            out, err = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(f"child {' '.join(argv[:4])} failed (exit {proc.returncode}):\n{err[-3000:]}")
+            results.append(json.loads([ln for ln in out.splitlines() if ln.strip()][-1]))
+    finally:
+        for proc in procs:  # a timeout, a failed sibling or Ctrl-C: no child is left running (as subprocess.run does)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
 
 
 def env_with(alloc: bool) -> dict:

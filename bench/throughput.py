@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (ALLOC_VARS, env_with, geomean, image_files, machine_info, make_phantom_folder,  # noqa: E402
-                    pick_evenly, run_child)
+                    pick_evenly, run_child, run_children)
 
 BATCH, INFER_BATCH, NAIVE_WORKERS, LR = 32, 64, 2, 1e-4
 PRECISIONS = ("fp32", "bf16")
@@ -219,8 +218,7 @@ def measure_model(model: str, a: argparse.Namespace, list_file: str, root: str) 
         print(f"  {model} naive: train {runs['naive'][-1]['train_ips']:.1f} img/s", flush=True)
         runs["cxrlab"].append(run_child(_child_argv("cxrlab", model, a, list_file, root), env_with(alloc=True)))
         c = runs["cxrlab"][-1]
-        print(f"  {model} cxrlab: train " + ", ".join(f"{p} {c[p]['train_ips']:.1f}" for p in PRECISIONS if p in c)
-              + " img/s", flush=True)
+        print(f"  {model} cxrlab: train {_train_rates(c)} img/s", flush=True)
     if a.ablations:
         runs["ablations"]["cxrlab_default_malloc"] = run_child(_child_argv("cxrlab", model, a, list_file, root),
                                                                env_with(alloc=False))
@@ -229,11 +227,15 @@ def measure_model(model: str, a: argparse.Namespace, list_file: str, root: str) 
     for n in [int(x) for x in a.freeze_stages_list.split(",") if x.strip()]:
         runs["ablations"][f"cxrlab_freeze_stages_{n}"] = r = run_child(
             _child_argv("cxrlab", model, a, list_file, root, child_freeze_stages=n), env_with(alloc=True))
-        print(f"  {model} cxrlab --freeze-stages {n}: train "
-              + ", ".join(f"{p} {r[p]['train_ips']:.1f}" for p in PRECISIONS if p in r) + " img/s", flush=True)
+        print(f"  {model} cxrlab --freeze-stages {n}: train {_train_rates(r)} img/s", flush=True)
     for n in [int(x) for x in a.side_by_side.split(",") if x.strip()]:
         runs["ablations"][f"cxrlab_side_by_side_{n}"] = side_by_side(model, a, list_file, root, n)
     return summarise(runs)
+
+
+def _train_rates(r: dict) -> str:
+    """"fp32 10.6, bf16 3.6": the training images/s of each precision a child measured."""
+    return ", ".join(f"{p} {r[p]['train_ips']:.1f}" for p in PRECISIONS if p in r)
 
 
 def side_by_side(model: str, a: argparse.Namespace, list_file: str, root: str, procs: int) -> dict:
@@ -242,22 +244,15 @@ def side_by_side(model: str, a: argparse.Namespace, list_file: str, root: str, p
     env = {**env_with(alloc=True), "OMP_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory(prefix="cxrlab-bench-barrier-") as barrier:
         argv = _child_argv("cxrlab", model, a, list_file, root, barrier=barrier, barrier_n=procs)
-        children = [subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True) for _ in range(procs)]
-        results = []
-        for child in children:
-            out, err = child.communicate(timeout=1800)
-            if child.returncode != 0:
-                raise RuntimeError(f"side-by-side child failed (exit {child.returncode}):\n{err[-3000:]}")
-            results.append(json.loads([ln for ln in out.splitlines() if ln.strip()][-1]))
+        results = run_children([argv] * procs, env, timeout=1800)
     res: dict = {"procs": procs, "threads_each": threads}
     for prec in a.precisions.split(","):
         span = max(r[f"{prec}_train_end"] for r in results) - min(r[f"{prec}_train_start"] for r in results)
         res[prec] = {"train_ips": sum(r["images"] for r in results) / span,
                      "train_ips_each": [r[prec]["train_ips"] for r in results],
                      "infer_ips": sum(r[prec]["infer_ips"] for r in results)}
-    print(f"  {model} cxrlab, {procs} side by side ({threads} thread(s) each): train "
-          + ", ".join(f"{p} {res[p]['train_ips']:.1f}" for p in a.precisions.split(",")) + " img/s together", flush=True)
+    print(f"  {model} cxrlab, {procs} side by side ({threads} thread(s) each): train {_train_rates(res)} img/s together",
+          flush=True)
     return res
 
 

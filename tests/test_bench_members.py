@@ -50,22 +50,17 @@ def test_parallel_members_equal_sequential_members(member_runs):
     assert any(not torch.equal(m0[n], m1[n]) for n in m0 if m0[n].is_floating_point()), "members must differ (own seeds)"
 
 
-def test_parallel_members_make_one_tested_ensemble(member_runs):
+def test_parallel_members_make_one_tested_ensemble(member_runs, synth_dir):
     side, seq, cache = member_runs
     ens = torch.load(side / "best.pt", weights_only=True)
     assert ens["model"]["name"] == "ensemble" and len(ens["ensemble"]) == 2
     summary = json.loads((side / "bench_summary.json").read_text())
     metrics = json.loads((side / "metrics.json").read_text())
     assert summary["accuracy"] == metrics["accuracy"] and [m["seed"] for m in summary["members"]] == [0, 1000]
-    test_files = [p for p in (synth_dir_of(side) / "test").rglob("*.png")]
-    assert metrics["n"] == len(test_files) > 0  # the whole test split, once
+    assert metrics["n"] == len(list((synth_dir / "test").rglob("*.png"))) > 0  # the whole test split, once
     seq_summary = json.loads((seq / "bench_summary.json").read_text())
     assert summary["members"] == seq_summary["members"]  # the same models give the same test numbers
     assert list(cache.rglob("*.u8")), "images were decoded into the cache before the members started"
-
-
-def synth_dir_of(run: Path) -> Path:
-    return Path(json.loads((run / "bench_summary.json").read_text())["data"])
 
 
 def test_parallel_without_members_is_refused(synth_dir, tmp_path):
