@@ -17,7 +17,7 @@ COMMANDS = {
     "train": "train a classifier on a folder or manifest data set",
     "evaluate": "evaluate a checkpoint on a data split or folder",
     "predict": "predict classes for images and folders",
-    "explain": "Grad-CAM heatmaps for images, or score them against lesion masks",
+    "explain": "Grad-CAM heatmaps for images, scored against lesion masks or by region of the film",
     "report": "redraw the plots and report.html of a run or evaluation folder",
     "audit": "audit a data set: duplicates, leakage, unreadable files, shortcuts",
     "export": "export a checkpoint to ONNX and check parity",

@@ -134,7 +134,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pat
     kept = [samples[i] for i in ok]
     names = list(bundle.ckpt["class_names"])
     y = label_indices(kept, names)
-    groups = _groups(kept, group_by)
+    groups = sample_groups(kept, group_by)
     metrics, probs, y_pred = evaluation_metrics(bundle.ckpt, logits, y, groups, n_boot=n_boot)
     metrics.update({"split": split, "checkpoint": str(checkpoint), "tta": tta, "data": str(data)})
     if adapt_bn:
@@ -182,7 +182,7 @@ def _check_classes(ckpt_names: list[str], data_names: list[str], checkpoint) -> 
                           f"(it was trained on {', '.join(ckpt_names)}); evaluate on a data set with the same classes")
 
 
-def _groups(samples: list, group_by: str | None) -> list[str] | None:
+def sample_groups(samples: list, group_by: str | None) -> list[str] | None:
     if not group_by:
         return None
     if group_by not in ("source", "group", "split", "folder"):

@@ -117,7 +117,7 @@ def select(names: str | None) -> list[str]:
     return out
 
 
-def _outcome(bundle, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def decisions(bundle, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     from cxrlab.evaluate import decide
 
     probs = bundle.probs(bundle.logits_for_arrays(images, batch_size=batch_size))
@@ -159,12 +159,12 @@ def stress_test(bundle, images: np.ndarray, y: np.ndarray | None = None, only: s
     if len(images) == 0:
         raise CxrlabError("stress test: no readable images")
     classes = bundle.class_names
-    p0, d0 = _outcome(bundle, images, batch_size)
+    p0, d0 = decisions(bundle, images, batch_size)
     clean = {"predicted_share": _share(d0, classes), **_scores(p0, d0, y, classes)}
     rows = []
     for name in select(only):
         pert = PERTURBATIONS[name]
-        p, d = _outcome(bundle, perturb(images, name), batch_size)
+        p, d = decisions(bundle, perturb(images, name), batch_size)
         share = _share(d, classes)
         grow = max(classes, key=lambda c: share[c] - clean["predicted_share"][c])
         row = {"name": name, "describe": pert.describe, "fix": pert.fix, "flip_rate": float(np.mean(d != d0)),
@@ -216,7 +216,6 @@ def stress_checkpoint(checkpoint, out, *, data=None, split: str = "test", manife
     Writes OUT/stress.json (the `stress_test` result plus where the images came from) and OUT/stress.csv
     (one row per perturbation). At most `n` images (a seeded random subset) keep it quick.
     """
-    from cxrlab.evaluate import label_indices, split_samples
     from cxrlab.inference import expand_inputs, load_model_bundle
 
     if (data is None) == (not inputs):
@@ -225,20 +224,56 @@ def stress_checkpoint(checkpoint, out, *, data=None, split: str = "test", manife
                           f"files/folders (unlabelled), one of the two")
     bundle = load_model_bundle(checkpoint, device=device)
     if data is not None:
-        samples, split = split_samples(data, split, manifest, bundle.class_names, checkpoint)
-        paths, source = [s.path for s in samples], f"the {split} split of {data}"
+        imgs = labelled_images(bundle, checkpoint, data, split, manifest, n, seed)
     else:
-        samples, paths, source = None, expand_inputs(inputs), ", ".join(map(str, inputs))
+        imgs = _subset(bundle, None, expand_inputs(inputs), ", ".join(map(str, inputs)), n, seed)
+    result = stress_test(bundle, imgs.arrays, imgs.y, only=only, batch_size=batch_size)
+    result.update(checkpoint=str(checkpoint), images_from=imgs.source, unreadable=imgs.unreadable, subset=imgs.subset)
+    write_result(Path(out), result)
+    return result
+
+
+@dataclass
+class Images:
+    """A seeded subset of a split, decoded and preprocessed for one model.
+
+    Attributes:
+        arrays: uint8 (N, S, S) images preprocessed with the bundle's preset.
+        y: (N,) class indices in the bundle's class order, or None for unlabelled files.
+        samples: the data index's samples of the readable images (None for unlabelled files).
+        source: where the images came from, in words.
+        subset: "all", or "K of N (seed S)".
+        unreadable: files that could not be decoded (sorted).
+    """
+
+    arrays: np.ndarray
+    y: np.ndarray | None
+    samples: list | None
+    source: str
+    subset: str
+    unreadable: list[str]
+
+
+def labelled_images(bundle, checkpoint, data, split: str = "test", manifest: str | None = None, n: int | None = 1000,
+                    seed: int = 0) -> Images:
+    """At most `n` images (a seeded random subset; 0 or None: all) of a labelled split, decoded for `bundle`."""
+    from cxrlab.evaluate import split_samples
+
+    samples, split = split_samples(data, split, manifest, bundle.class_names, checkpoint)
+    return _subset(bundle, samples, [s.path for s in samples], f"the {split} split of {data}", n, seed)
+
+
+def _subset(bundle, samples: list | None, paths: list, source: str, n: int | None, seed: int) -> Images:
+    from cxrlab.evaluate import label_indices
+
     chosen = np.arange(len(paths))
     if n and len(paths) > n:
         chosen = np.sort(np.random.default_rng(seed).choice(len(paths), n, replace=False))
     arrays, ok, errors = bundle.arrays_for_files([paths[i] for i in chosen])
-    y = label_indices([samples[chosen[i]] for i in ok], bundle.class_names) if samples is not None else None
-    result = stress_test(bundle, arrays, y, only=only, batch_size=batch_size)
-    result.update(checkpoint=str(checkpoint), images_from=source, unreadable=sorted(map(str, errors)),
-                  subset=f"{len(chosen)} of {len(paths)} (seed {seed})" if len(chosen) < len(paths) else "all")
-    write_result(Path(out), result)
-    return result
+    kept = [samples[chosen[i]] for i in ok] if samples is not None else None
+    y = label_indices(kept, bundle.class_names) if kept is not None else None
+    return Images(arrays, y, kept, source, f"{len(chosen)} of {len(paths)} (seed {seed})" if len(chosen) < len(paths)
+                  else "all", sorted(map(str, errors)))
 
 
 def write_result(out: Path, result: dict) -> None:

@@ -29,18 +29,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     score.add_argument("--split", default="test", help="split to score (default: test)")
     score.add_argument("--tolerance", type=int, default=None, metavar="PX",
                        help="pointing-game tolerance in pixels (default: 15/224 of the input size, as in Zhang et al. 2016)")
+    reg = p.add_argument_group("where the model looks on real radiographs, without masks (with --data)")
+    reg.add_argument("--regions", action="store_true",
+                     help="Grad-CAM mass in the film's outer band and corners (markers, borders) for every --split image, "
+                          "and the decisions with the band hidden and from the band alone; writes regions.json, "
+                          "regions.csv and a montage per class (and group)")
+    reg.add_argument("--manifest", metavar="CSV", help="manifest CSV with a source/group column (for --group-by)")
+    reg.add_argument("--group-by", choices=("source", "group", "split", "folder"), help="also summarise per group")
+    reg.add_argument("--frame", type=float, default=0.1, metavar="F",
+                     help="width of the outer band, as a fraction of each side (default: 0.1, 36%% of the area)")
+    reg.add_argument("--n", type=int, default=1000, help="at most N images, a seeded random subset (0: all; default 1000)")
+    reg.add_argument("--seed", type=int, default=0, help="seed of the subset and the montages (default 0)")
+    reg.add_argument("--examples", type=int, default=8, help="overlays per montage (default 8; 0: none)")
 
 
 def _check(args) -> None:
     from cxrlab.errors import CxrlabError
 
+    if args.score and args.regions:
+        raise CxrlabError("--score and --regions are two different analyses; run them one at a time")
+    if args.regions:
+        if not args.data:
+            raise CxrlabError("--regions needs --data DIR (a labelled split: DIR/<split>/<CLASS>/ or a manifest)")
+        if args.inputs or args.target:
+            raise CxrlabError("--regions explains the predicted class of the --data images; drop the PATH arguments "
+                              "and --target")
+        from cxrlab.regions import region_masks
+
+        region_masks(8, args.frame)  # a clear error before the model loads
+    elif args.group_by or args.manifest:
+        raise CxrlabError("--manifest and --group-by go with --regions")
     if args.score:
         if not args.data:
             raise CxrlabError("--score needs --data DIR (a folder with DIR/<split>/<CLASS>/ images and lesion masks)")
         if args.inputs or args.target:
             raise CxrlabError("--score explains the true class of the --data images; drop the PATH arguments and --target")
-    elif not args.inputs:
-        raise CxrlabError("give image files or folders to explain, or --score --data DIR to score against masks")
+    elif not args.inputs and not args.regions:
+        raise CxrlabError("give image files or folders to explain, --score --data DIR to score against lesion masks, "
+                          "or --regions --data DIR to see where the model looks")
 
 
 def run(args) -> int:
@@ -52,6 +78,8 @@ def run(args) -> int:
     bundle = load_model_bundle(args.checkpoint, device=args.device)
     if args.score:
         return _score(args, bundle, out)
+    if args.regions:
+        return _regions(args, bundle, out)
     from cxrlab.explain import explain_paths
 
     written, errors = explain_paths(bundle, args.inputs, out, target=args.target, method=args.method,
@@ -71,4 +99,14 @@ def _score(args, bundle, out: Path) -> int:
     for cls, s in res["per_class"].items():
         print(f"  {cls:<14} n={s['n']:<4} pointing game {s['pointing_game']:.3f}  energy in mask {s['energy_in_mask']:.3f}")
     print(f"-> {out / 'faithfulness.json'} (and example overlays of hits and misses)")
+    return 0
+
+
+def _regions(args, bundle, out: Path) -> int:
+    from cxrlab.regions import format_summary, look_regions
+
+    res = look_regions(bundle, args.data, out, split=args.split, manifest=args.manifest, group_by=args.group_by,
+                       n=args.n, seed=args.seed, frame=args.frame, method=args.method, examples=args.examples)
+    print(format_summary(res))
+    print(f"-> {out / 'regions.json'}, regions.csv" + (f" and {len(res['montages'])} montage(s)" if res["montages"] else ""))
     return 0
