@@ -74,6 +74,7 @@ class TrainConfig:
     aug_blur: float = 0.0
     aug_blur_match: bool = False
     aug_crop_scale_max: float = 1.0
+    aug_frame: float = 0.0
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -121,6 +122,8 @@ class TrainConfig:
             (1 <= self.aug_crop_scale_max <= 4,
              f"--aug-crop-scale-max is an area factor in [1, 4] (above 1 also zooms out), got {self.aug_crop_scale_max}"),
             (0 <= self.aug_blur <= 10, f"--aug-blur is a Gaussian sigma in pixels, 0..10, got {self.aug_blur}"),
+            (0 <= self.aug_frame < 0.5, f"--aug-frame is the largest band width as a fraction of the side, 0..0.5 "
+                                        f"(e.g. 0.15), got {self.aug_frame}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1) such as 0.998 (0: off), got {self.ema}"),
             (self.freeze_stages >= 0, f"--freeze-stages must be >= 0 (0: train every layer), got {self.freeze_stages}"),
             (not (self.auto_freeze and self.freeze_stages),

@@ -212,7 +212,7 @@ class Run:
         cfg = self.cfg
         return AugmentConfig(cfg.aug_flip, cfg.aug_rotation, cfg.aug_translate, cfg.aug_crop_scale_min,
                              cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise, cfg.aug_blur,
-                             cfg.aug_crop_scale_max, class_blur)
+                             cfg.aug_crop_scale_max, class_blur, cfg.aug_frame)
 
     @property
     def _micro(self) -> int:

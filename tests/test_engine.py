@@ -121,6 +121,35 @@ def test_blur_is_a_normalised_gaussian_with_each_images_own_sigma():
     assert a.shape == (4, 1, 24, 24) and a.min() >= 0 and a.max() <= 255
 
 
+def _assert_edge_bands(m: torch.Tensor, top: float) -> None:
+    """(n, side, side) bool masks: bands from the edges, full rows/columns, no deeper than `top` of the side."""
+    side = m.shape[-1]
+    lim = int(top * side)
+    assert not m[:, lim:side - lim, lim:side - lim].any()
+    for k in range(len(m)):
+        rows, cols = m[k].all(dim=1), m[k].all(dim=0)
+        assert torch.equal(m[k], rows[:, None] | cols[None, :])  # whole rows and columns
+        for band in (rows[: side // 2], rows.flip(0)[: side // 2], cols[: side // 2], cols.flip(0)[: side // 2]):
+            w = int(band.sum())
+            assert band[:w].all()  # contiguous from the edge
+
+
+def test_frame_bands_are_black_edge_bands_of_bounded_width():
+    from cxrlab.data.augment import random_frames
+
+    n, side, top = 400, 40, 0.2
+    m = random_frames(n, side, side, top, torch.Generator().manual_seed(0))[:, 0].bool()
+    _assert_edge_bands(m, top)
+    sides = torch.stack([m[:, 0, side // 2], m[:, -1, side // 2], m[:, side // 2, 0], m[:, side // 2, -1]], 1)
+    assert sides.float().mean(0).sub(0.5).abs().max() < 0.1  # each side painted about half the time
+    assert m[:, 0, side // 2].sum() > m[:, int(0.1 * side), side // 2].sum() > 0  # widths spread over [0, top]
+    off = AugmentConfig(flip=0, rotation=0, translate=0, crop_scale_min=1.0, brightness=0, contrast=0, frame=top)
+    out = augment_batch(torch.full((n, side, side), 200, dtype=torch.uint8), off, torch.Generator().manual_seed(0))[:, 0]
+    black = out < 0.5
+    _assert_edge_bands(black, top)
+    assert black.any() and (out[~black] - 200).abs().max() < 1e-3  # black bands, the rest untouched
+
+
 def test_sharpness_known_values_and_agreement_with_audit():
     import numpy as np
 

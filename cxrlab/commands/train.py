@@ -71,6 +71,9 @@ HELP = {
     "aug_crop_scale_min": "smallest image area kept by the random resized crop (zoom in; 1: off)",
     "aug_crop_scale_max": "largest area factor: above 1 also zooms out onto a black frame, so framing "
                           "differences between sites stop being a cue (1: off)",
+    "aug_frame": "largest width of random black bands painted over the film's edges (fraction of the side; each "
+                 "side of each image gets one with probability 0.5): borders and markers stop being a cue "
+                 "(`cxrlab explain --regions` measures how much the edges decide; 0: off)",
     "report": "draw plots and report.html at the end",
     "ema": "keep an exponential moving average of the weights with this per-step decay (e.g. 0.998; 0: off); "
            "validation, checkpoints and the final model use the averaged weights",

@@ -38,6 +38,12 @@ class AugmentConfig:
         class_blur: per class (by index), the largest extra blur sigma for that class's images, drawn per
             image from [0, v] and combined with `blur` (sigmas add in quadrature); empty: none. Set by
             `sharpness_matching_blur` so that sharpness stops telling the classes apart (`--aug-blur-match`).
+        frame: largest width of a black band painted over an edge of the film, as a fraction of the side;
+            each of the four sides of each image gets one with probability 0.5, its width drawn from
+            [0, frame]. Sites differ in collimation, black borders and burnt-in markers at the film's
+            edges; when one source of a class has them, the edges alone give the class away
+            (`cxrlab explain --regions` measures it). Painted after the geometric transforms and before
+            the photometric ones, so the bands get the same exposure changes and noise as real borders.
     """
 
     flip: float = 0.5
@@ -51,6 +57,7 @@ class AugmentConfig:
     blur: float = 0.0
     crop_scale_max: float = 1.0
     class_blur: tuple[float, ...] = ()
+    frame: float = 0.0
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -150,6 +157,19 @@ def sharpness_matching_blur(images: torch.Tensor, labels: torch.Tensor, num_clas
     return tuple(2 * sigma.get(c, 0.0) for c in range(num_classes)), {"median": medians, "sigma": sigma}
 
 
+def random_frames(n: int, h: int, w: int, frame: float, g: torch.Generator) -> torch.Tensor:
+    """Float masks (n, 1, h, w), 1 inside random edge bands: each side of each image gets a band with
+    probability 0.5, its width drawn from [0, frame] of the side (top/bottom of h, left/right of w)."""
+    on = torch.rand(n, 4, generator=g) < 0.5
+    width = torch.rand(n, 4, generator=g) * frame * on
+    px = (width * torch.tensor([h, h, w, w], dtype=torch.float32)).floor()
+    r = torch.arange(h, dtype=torch.float32).view(1, h, 1)
+    c = torch.arange(w, dtype=torch.float32).view(1, 1, w)
+    top, bottom, left, right = (px[:, k].view(n, 1, 1) for k in range(4))
+    band = (r < top) | (r >= h - bottom) | (c < left) | (c >= w - right)
+    return band.unsqueeze(1).float()
+
+
 def augment_batch(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
                   labels: torch.Tensor | None = None) -> torch.Tensor:
     """Augment a batch of grayscale images.
@@ -170,6 +190,8 @@ def augment_batch(batch: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
     theta = random_affine_matrices(n, cfg, g).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.frame > 0:
+        x = x * (1 - random_frames(n, x.shape[-2], x.shape[-1], cfg.frame, g).to(x.device))
     if cfg.blur > 0 or any(cfg.class_blur):
         sigma = _uniform(n, 0.0, cfg.blur, g) if cfg.blur > 0 else torch.zeros(n)
         if any(cfg.class_blur):
