@@ -171,7 +171,13 @@ def look_regions(checkpoint, data, out=None, *, split: str = "test", manifest: s
     for key, where in (("clean", None), ("frame_hidden", masks["frame"]), ("frame_only", masks["inside"])):
         arrays = imgs.arrays if where is None else paint_black(imgs.arrays, where)
         probs[key], decided[key] = decisions(bundle, arrays, batch_size)
-    rows, results = [], []
+    cells = {(g, c): [i for i in range(len(groups)) if groups[i] == g and names[int(imgs.y[i])] == c]
+             for g in sorted(set(groups)) for c in names}
+    cells = {k: v for k, v in cells.items() if v}
+    shown = {k: [int(i) for i in np.random.default_rng(seed).permutation(v)[:examples]] for k, v in cells.items()} \
+        if out is not None and examples > 0 else {}
+    keep = {i for v in shown.values() for i in v}
+    rows, kept = [], {}  # only the montages' explanations stay in memory
     for start in range(0, len(imgs.arrays), batch_size):
         for res in explain_arrays(bundle, imgs.arrays[start:start + batch_size], None, method):
             i = len(rows)
@@ -179,7 +185,8 @@ def look_regions(checkpoint, data, out=None, *, split: str = "test", manifest: s
                          "y": int(imgs.y[i]), "pred": int(decided["clean"][i]),
                          "pred_frame_hidden": int(decided["frame_hidden"][i]),
                          "pred_frame_only": int(decided["frame_only"][i]), **region_energy(res.heatmap, masks)})
-            results.append(res)
+            if i in keep:
+                kept[i] = res
     area, corner_area = float(masks["frame"].mean()), float(masks["corners"].mean())
 
     def stats(idx: list[int]) -> dict:
@@ -193,20 +200,14 @@ def look_regions(checkpoint, data, out=None, *, split: str = "test", manifest: s
         idx = [i for i, r in enumerate(rows) if r["class"] == c]
         if idx:
             summary["per_class"][c] = stats(idx)
-    for g in sorted(set(groups)) if group_by else []:
-        summary["per_group"][g] = stats([i for i, r in enumerate(rows) if r["group"] == g])
-    for g in sorted(set(groups)):
-        for c in names:
-            idx = [i for i, r in enumerate(rows) if r["group"] == g and r["class"] == c]
-            if idx:
-                key = f"{g}/{c}" if group_by else c
-                summary["per_group_class"][key] = stats(idx)
-                if out is not None and examples > 0:
-                    pick = np.random.default_rng(seed).permutation(idx)[:examples]
-                    name = f"montage_{g}_{c}.png" if group_by else f"montage_{c}.png"
-                    _montage([results[i] for i in pick], [rows[i] for i in pick], names, masks["frame"],
-                             Path(out) / _safe(name))
-                    summary["montages"].append(_safe(name))
+    if group_by:
+        for g in sorted(set(groups)):
+            summary["per_group"][g] = stats([i for i, r in enumerate(rows) if r["group"] == g])
+        summary["per_group_class"] = {f"{g}/{c}": stats(idx) for (g, c), idx in cells.items()}
+    for (g, c), pick in shown.items():
+        name = _safe(f"montage_{g}_{c}.png" if group_by else f"montage_{c}.png")
+        _montage([kept[i] for i in pick], [rows[i] for i in pick], names, masks["frame"], Path(out) / name)
+        summary["montages"].append(name)
     if out is not None:
         _write(Path(out), summary, rows, names)
     return summary
@@ -270,7 +271,5 @@ def format_summary(summary: dict) -> str:
     lines.append(line("all", summary["overall"]))
     for key in ("per_class", "per_group", "per_group_class"):
         for name, s in summary[key].items():
-            if key == "per_group_class" and not summary["group_by"]:
-                continue
             lines.append(line(name, s))
     return "\n".join(lines)
