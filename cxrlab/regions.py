@@ -106,20 +106,24 @@ def _stats(rows: list[dict], probs: dict[str, np.ndarray], area: float, n_classe
     y = np.array([r["y"] for r in rows], dtype=int)
     d = {k: np.array([r[k] for r in rows], dtype=int) for k in ("pred", "pred_frame_hidden", "pred_frame_only")}
     fe = np.array([r["frame_energy"] for r in rows], dtype=float)
-    out = {"n": len(rows),
-           "frame_energy": round(float(np.nanmean(fe)), 4) if np.isfinite(fe).any() else None,
-           "frame_lift": round(float(np.nanmean(fe)) / area, 3) if np.isfinite(fe).any() else None,
-           "corner_energy": round(float(np.nanmean([r["corner_energy"] for r in rows])), 4) if np.isfinite(fe).any() else None,
-           "peak_in_frame": round(float(np.mean([r["peak_in_frame"] for r in rows])), 4),
-           "accuracy": round(float(np.mean(d["pred"] == y)), 4),
-           "frame_hidden_flip_rate": round(float(np.mean(d["pred_frame_hidden"] != d["pred"])), 4),
-           "frame_hidden_accuracy": round(float(np.mean(d["pred_frame_hidden"] == y)), 4),
-           "frame_only_accuracy": round(float(np.mean(d["pred_frame_only"] == y)), 4),
-           "frame_only_chance": round(chance_accuracy(y, d["pred_frame_only"], n_classes), 4)}
-    for key in ("clean", "frame_only"):
-        auc = _auc(y, probs[key])
-        out[f"{'auc' if key == 'clean' else 'frame_only_auc'}"] = round(auc, 4) if auc is not None else None
-    return out
+    ce = np.array([r["corner_energy"] for r in rows], dtype=float)
+    has_mass = bool(np.isfinite(fe).any())  # all-zero heatmaps have no shares
+
+    def r4(v: float | None) -> float | None:
+        return round(v, 4) if v is not None else None
+
+    return {"n": len(rows),
+            "frame_energy": r4(float(np.nanmean(fe))) if has_mass else None,
+            "frame_lift": round(float(np.nanmean(fe)) / area, 3) if has_mass else None,
+            "corner_energy": r4(float(np.nanmean(ce))) if has_mass else None,
+            "peak_in_frame": r4(float(np.mean([r["peak_in_frame"] for r in rows]))),
+            "accuracy": r4(float(np.mean(d["pred"] == y))),
+            "auc": r4(_auc(y, probs["clean"])),
+            "frame_hidden_flip_rate": r4(float(np.mean(d["pred_frame_hidden"] != d["pred"]))),
+            "frame_hidden_accuracy": r4(float(np.mean(d["pred_frame_hidden"] == y))),
+            "frame_only_accuracy": r4(float(np.mean(d["pred_frame_only"] == y))),
+            "frame_only_chance": r4(chance_accuracy(y, d["pred_frame_only"], n_classes)),
+            "frame_only_auc": r4(_auc(y, probs["frame_only"]))}
 
 
 def look_regions(checkpoint, data, out=None, *, split: str = "test", manifest: str | None = None,
