@@ -136,9 +136,10 @@ def score_faithfulness(checkpoint, data: str | Path, masks: str | Path | None = 
     """
     from cxrlab.data.preprocess import load_array
     from cxrlab.explain import cam_class, explain_arrays
+    from cxrlab.inference import as_bundle
 
     cam_class(method)
-    bundle = _bundle(checkpoint)
+    bundle = as_bundle(checkpoint)
     names = bundle.class_names
     items = find_masked_images(data, Path(masks) if masks else Path(data) / "masks", split, names)
     rows, saved = [], {True: 0, False: 0}
@@ -160,14 +161,6 @@ def score_faithfulness(checkpoint, data: str | Path, masks: str | Path | None = 
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "faithfulness.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _bundle(checkpoint):
-    if hasattr(checkpoint, "model") and hasattr(checkpoint, "pre"):
-        return checkpoint
-    from cxrlab.inference import load_model_bundle
-
-    return load_model_bundle(checkpoint)
 
 
 def _save_example(res, mask: np.ndarray, f: Path, cls: str, hit: bool, out: Path) -> None:

@@ -132,6 +132,13 @@ def load_model_bundle(path: str | Path, device: str = "auto") -> ModelBundle:
     return bundle_for(load_checkpoint(path, map_location="cpu"), device)
 
 
+def as_bundle(checkpoint, device: str = "auto"):
+    """A loaded bundle as it is, or a checkpoint path loaded with `load_model_bundle`."""
+    if hasattr(checkpoint, "model") and hasattr(checkpoint, "pre"):
+        return checkpoint
+    return load_model_bundle(checkpoint, device=device)
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files and folders (searched recursively for image files) -> sorted unique file list."""
     from cxrlab.data.io import is_image_file

@@ -40,6 +40,12 @@ FRAME = 0.10  # band width, fraction of each side
 CORNER = 0.15  # corner square side, fraction of each side
 
 
+def check_frame(frame: float) -> None:
+    """A clear error unless the band width is a fraction of the side in (0, 0.5)."""
+    if not 0 < frame < 0.5:
+        raise CxrlabError(f"--frame must be a fraction of the side between 0 and 0.5 (e.g. 0.1), got {frame}")
+
+
 def region_masks(side: int, frame: float = FRAME, corner: float = CORNER) -> dict[str, np.ndarray]:
     """Boolean (side, side) masks: `frame` (the outer band), `corners` (four corner squares), `inside`.
 
@@ -48,8 +54,7 @@ def region_masks(side: int, frame: float = FRAME, corner: float = CORNER) -> dic
         frame: band width as a fraction of the side, in (0, 0.5).
         corner: corner square side as a fraction of the side, in (0, 0.5].
     """
-    if not 0 < frame < 0.5:
-        raise CxrlabError(f"--frame must be a fraction of the side between 0 and 0.5 (e.g. 0.1), got {frame}")
+    check_frame(frame)
     if not 0 < corner <= 0.5:
         raise CxrlabError(f"corner must be a fraction of the side between 0 and 0.5, got {corner}")
     b, c = max(1, round(frame * side)), max(1, round(corner * side))
@@ -154,15 +159,11 @@ def look_regions(checkpoint, data, out=None, *, split: str = "test", manifest: s
     """
     from cxrlab.evaluate import sample_groups
     from cxrlab.explain import cam_class, explain_arrays
+    from cxrlab.inference import as_bundle
     from cxrlab.stress import decisions, labelled_images
 
     cam_class(method)
-    if hasattr(checkpoint, "model") and hasattr(checkpoint, "pre"):
-        bundle = checkpoint
-    else:
-        from cxrlab.inference import load_model_bundle
-
-        bundle = load_model_bundle(checkpoint, device=device)
+    bundle = as_bundle(checkpoint, device)
     names = bundle.class_names
     side = bundle.pre.img_size
     masks = region_masks(side, frame)
@@ -172,8 +173,8 @@ def look_regions(checkpoint, data, out=None, *, split: str = "test", manifest: s
         raise CxrlabError(f"no readable images in the {split} split of '{data}'")
     groups = sample_groups(imgs.samples, group_by) or ["all"] * len(imgs.arrays)
     probs, decided = {}, {}
-    for key, where in (("clean", None), ("frame_hidden", masks["frame"]), ("frame_only", masks["inside"])):
-        arrays = imgs.arrays if where is None else paint_black(imgs.arrays, where)
+    for key, hidden in (("clean", None), ("frame_hidden", masks["frame"]), ("frame_only", masks["inside"])):
+        arrays = imgs.arrays if hidden is None else paint_black(imgs.arrays, hidden)
         probs[key], decided[key] = decisions(bundle, arrays, batch_size)
     cells = {(g, c): [i for i in range(len(groups)) if groups[i] == g and names[int(imgs.y[i])] == c]
              for g in sorted(set(groups)) for c in names}

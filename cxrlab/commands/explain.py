@@ -43,30 +43,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     reg.add_argument("--examples", type=int, default=8, help="overlays per montage (default 8; 0: none)")
 
 
+# the analyses of a labelled --data split: (what --data must hold, which class the heatmaps explain)
+DATA_ANALYSES = {"score": ("a folder with DIR/<split>/<CLASS>/ images and lesion masks", "the true class"),
+                 "regions": ("a labelled split: DIR/<split>/<CLASS>/ or a manifest", "the predicted class")}
+
+
 def _check(args) -> None:
     from cxrlab.errors import CxrlabError
 
     if args.score and args.regions:
         raise CxrlabError("--score and --regions are two different analyses; run them one at a time")
-    if args.regions:
+    analysis = "score" if args.score else "regions" if args.regions else None
+    if analysis:
+        holds, explains = DATA_ANALYSES[analysis]
         if not args.data:
-            raise CxrlabError("--regions needs --data DIR (a labelled split: DIR/<split>/<CLASS>/ or a manifest)")
+            raise CxrlabError(f"--{analysis} needs --data DIR ({holds})")
         if args.inputs or args.target:
-            raise CxrlabError("--regions explains the predicted class of the --data images; drop the PATH arguments "
-                              "and --target")
-        from cxrlab.regions import region_masks
-
-        region_masks(8, args.frame)  # a clear error before the model loads
-    elif args.group_by or args.manifest:
-        raise CxrlabError("--manifest and --group-by go with --regions")
-    if args.score:
-        if not args.data:
-            raise CxrlabError("--score needs --data DIR (a folder with DIR/<split>/<CLASS>/ images and lesion masks)")
-        if args.inputs or args.target:
-            raise CxrlabError("--score explains the true class of the --data images; drop the PATH arguments and --target")
-    elif not args.inputs and not args.regions:
+            raise CxrlabError(f"--{analysis} explains {explains} of the --data images; drop the PATH arguments and --target")
+    elif not args.inputs:
         raise CxrlabError("give image files or folders to explain, --score --data DIR to score against lesion masks, "
                           "or --regions --data DIR to see where the model looks")
+    if args.regions:
+        from cxrlab.regions import check_frame
+
+        check_frame(args.frame)  # a clear error before the model loads
+    elif args.group_by or args.manifest:
+        raise CxrlabError("--manifest and --group-by go with --regions")
 
 
 def run(args) -> int:
