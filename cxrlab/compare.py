@@ -6,8 +6,8 @@ operating points and the test evaluation included). A model that fails (missing 
 weights, out of memory, ...) gets its error in its leaderboard row; the others still run.
 
 Speeds: `train_images_per_s` = training images x epochs run / the summed epoch seconds of
-history.csv (an epoch's seconds include its validation pass, so this slightly understates pure
-training throughput); `inference_images_per_s` times one pass of `logits_for_arrays` over the
+history.csv (an epoch's seconds include its validation pass, if it had one (`--val-every`), so this slightly
+understates pure training throughput); `inference_images_per_s` times one pass of `logits_for_arrays` over the
 decoded test images (after a small warm-up), so decoding is not counted.
 """
 
@@ -181,7 +181,7 @@ def write_leaderboard(rows: list[dict], out: Path, class_names: list[str]) -> tu
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(_md_cell(c, r.get(c)) for c in cols) + " |" for r in rows]
     note = ("Test split, sorted by macro-F1. ece: expected calibration error after temperature scaling. "
-            "train_images_per_s includes each epoch's validation pass; inference_images_per_s excludes decoding.")
+            "train_images_per_s includes the validation passes; inference_images_per_s excludes decoding.")
     md_path.write_text("# Model comparison\n\n" + note + "\n\n" + "\n".join(lines) + "\n")
     log.info("leaderboard: %s", md_path)
     return csv_path, md_path

@@ -92,6 +92,7 @@ class TrainConfig:
     target_recall: dict = field(default_factory=dict)
     report: bool = True
     precise_bn: int = 1024
+    val_every: int = 1
     ema: float = 0.0
 
     @property
@@ -124,6 +125,7 @@ class TrainConfig:
             (0 <= self.aug_blur <= 10, f"--aug-blur is a Gaussian sigma in pixels, 0..10, got {self.aug_blur}"),
             (0 <= self.aug_frame < 0.5, f"--aug-frame is the largest band width as a fraction of the side, 0..0.5 "
                                         f"(e.g. 0.15), got {self.aug_frame}"),
+            (self.val_every >= 0, f"--val-every must be >= 0 (1: every epoch; 0: only the final one), got {self.val_every}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1) such as 0.998 (0: off), got {self.ema}"),
             (self.freeze_stages >= 0, f"--freeze-stages must be >= 0 (0: train every layer), got {self.freeze_stages}"),
             (not (self.auto_freeze and self.freeze_stages),

@@ -185,11 +185,13 @@ def _class_index(names: list[str], target: str | int | None) -> int | None:
     raise CxrlabError(f"unknown target class '{target}'. This model's classes: {', '.join(names)}")
 
 
-def _predict(bundle, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(calibrated probabilities (N, C), predicted indices (N,)) with the checkpoint's decision rule."""
+def _predict(bundle, images: np.ndarray, probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(calibrated probabilities (N, C), predicted indices (N,)) with the checkpoint's decision rule; `probs`
+    given, only the rule is applied."""
     from cxrlab.evaluate import decide
 
-    probs = bundle.probs(bundle.logits_for_arrays(images))
+    if probs is None:
+        probs = bundle.probs(bundle.logits_for_arrays(images))
     return probs, np.asarray(decide(probs, bundle.ckpt), dtype=int)
 
 
@@ -226,8 +228,9 @@ def make_overlay(image: np.ndarray, heatmap: np.ndarray, image_weight: float = 0
 
 
 def explain_arrays(bundle, images_uint8: np.ndarray, target: str | list | None = None,
-                   method: str = "gradcam") -> list[ExplainResult]:
-    """Explain preprocessed images; `target` is one class for all, a list (one per image) or None (predicted)."""
+                   method: str = "gradcam", probs: np.ndarray | None = None) -> list[ExplainResult]:
+    """Explain preprocessed images; `target` is one class for all, a list (one per image) or None (predicted).
+    `probs`: the images' calibrated probabilities when the caller already has them (skips a forward pass)."""
     model = _torch_model(bundle)
     images = np.array(images_uint8, dtype=np.uint8)  # a writable copy (PIL arrays are read-only)
     names = bundle.class_names
@@ -238,7 +241,7 @@ def explain_arrays(bundle, images_uint8: np.ndarray, target: str | list | None =
     else:
         idx = [_class_index(names, target)] * len(images)
     with model_lock(model):  # the prediction and the CAM see no other thread's forwards
-        probs, pred = _predict(bundle, images)
+        probs, pred = _predict(bundle, images, probs)
         idx = list(pred) if idx is None else idx
         heat = cam_heatmaps(model, _cam_layer(bundle, model), images, idx, bundle.spec, bundle.device, method)
     return [ExplainResult(heat[i], images[i], make_overlay(images[i], heat[i]),

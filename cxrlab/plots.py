@@ -55,8 +55,9 @@ def plot_history(history: dict[str, np.ndarray], out: str | Path) -> Path:
     for ax, (title, key) in zip(axes, panels):
         for split, style, color in (("train", "-o", "tab:blue"), ("val", "-s", "tab:orange")):
             y = history.get(f"{split}_{key}")
-            if _finite(y):
-                ax.plot(epoch, y, style, ms=3, color=color, label=split)
+            if _finite(y):  # joined across epochs without a value (--val-every)
+                ok = np.isfinite(y)
+                ax.plot(epoch[ok], y[ok], style, ms=3, color=color, label=split)
         _finish_panel(ax, title, MaxNLocator, epoch)
     ax = axes[3]
     lr = history.get("lr")

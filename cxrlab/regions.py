@@ -184,7 +184,8 @@ def look_regions(checkpoint, data, out=None, *, split: str = "test", manifest: s
     keep = {i for v in shown.values() for i in v}
     rows, kept = [], {}  # only the montages' explanations stay in memory
     for start in range(0, len(imgs.arrays), batch_size):
-        for res in explain_arrays(bundle, imgs.arrays[start:start + batch_size], None, method):
+        part = slice(start, start + batch_size)
+        for res in explain_arrays(bundle, imgs.arrays[part], None, method, probs=probs["clean"][part]):
             i = len(rows)
             rows.append({"path": str(imgs.samples[i].path), "group": groups[i], "class": names[int(imgs.y[i])],
                          "y": int(imgs.y[i]), "pred": int(decided["clean"][i]),

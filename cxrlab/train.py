@@ -147,6 +147,8 @@ class Run:
         self.out = Path(cfg.out)
         self.progress = True
         self.history: list[dict] = []
+        self.eval_s: float | None = None  # seconds of the last validation (precise BN included)
+        self.planned_end: int | None = None  # the epoch the time budget expects to be the last
 
     def prepare_data(self) -> None:
         cfg = self.cfg
@@ -249,6 +251,8 @@ class Run:
                                                         cfg))
         n_probe = sum(self._probe_images()) if cfg.head_init == "probe" else 0
         n_eval = math.ceil(len(self.splits["val"].arrays) / world) + cfg.precise_bn
+        if cfg.val_every != 1:  # --val-every: a share of a validation per epoch, and the final one
+            n_probe, n_eval = n_probe + n_eval, n_eval / cfg.val_every if cfg.val_every > 1 else 0
         fit, epoch_s = epochs_that_fit(step_s, micro, math.ceil(len(train) / world), n_eval, n_probe,
                                        cfg.time_budget_min * 60 - t())
         self.pre_loop_s = t()
@@ -319,6 +323,7 @@ class Run:
         return hook
 
     def run_epoch(self, epoch: int) -> dict:
+        """Train one epoch; its history row with the validation columns still empty (see `validate_epoch`)."""
         cfg, t = self.cfg, Timer()
         if cfg.freeze_epochs:
             set_backbone_frozen(self.model, epoch <= cfg.freeze_epochs, self.fixed)
@@ -336,23 +341,44 @@ class Run:
         if self.cut_short:
             log.info("time budget: epoch %d ended after %d of %d batches to leave time for validation", epoch,
                      tr["batches"], n_batches)
+        return {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": None, "val_acc": None,
+                "val_auc": None, "lr": self._lr(), "seconds": t()}
+
+    def validate_epoch(self, row: dict) -> None:
+        """Precise BN and the validation pass on the weights that are shipped; fills `row` in place."""
+        cfg, t = self.cfg, Timer()
         if cfg.precise_bn:
-            recalibrate_batchnorm(self.eval_model, train.images, self.spec, self.device, n=cfg.precise_bn,
-                                  seed=cfg.seed + epoch, amp=self.amp)
+            recalibrate_batchnorm(self.eval_model, self.splits["train"].arrays.images, self.spec, self.device,
+                                  n=cfg.precise_bn, seed=cfg.seed + row["epoch"], amp=self.amp)
         average_buffers(self.eval_model, self.dist)
         val = self.splits["val"].arrays
         logits = predict_logits(self.eval_model, val.images, self.spec, self.device, amp=self.amp, dist=self.dist)
         vm = epoch_metrics(logits, val.labels.numpy())
-        row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": vm["loss"],
-               "val_acc": vm["acc"], "val_auc": vm["auc"], "lr": self._lr(), "seconds": t()}
-        self._schedule(epoch, row)
-        return {k: (v if k == "epoch" else _fmt(v)) for k, v in row.items()}
+        self.eval_s = self._rank0_value(t())
+        row.update(val_loss=vm["loss"], val_acc=vm["acc"], val_auc=vm["auc"], seconds=row["seconds"] + self.eval_s)
+
+    def _validates(self, epoch: int) -> bool:
+        """--val-every: whether this epoch is validated before the budget has spoken (every N-th, the last of
+        --epochs, and the one the time budget expects to be the last; a run that stops elsewhere validates its
+        final epoch then)."""
+        n = self.cfg.val_every
+        return n == 1 or (n > 1 and epoch % n == 0) or epoch >= self.cfg.epochs or epoch == self.planned_end
+
+    def _eval_estimate(self) -> float:
+        """Seconds of one validation (precise BN included): measured once there was one, before that from the
+        training speed (FORWARD_COST of a training step per image, as the mid-epoch guard assumes)."""
+        if self.eval_s is not None:
+            return self.eval_s
+        n_train = math.ceil(len(self.splits["train"].arrays) / self.dist.world)
+        n_eval = math.ceil(len(self.splits["val"].arrays) / self.dist.world) + self.cfg.precise_bn
+        return self.train_s / max(n_train, 1) * n_eval * FORWARD_COST
 
     def _schedule(self, epoch: int, row: dict) -> None:
         if epoch <= self.cfg.warmup_epochs or self.scheduler is None:
             return
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(row[self.cfg.monitor])
+            if row[self.cfg.monitor] is not None:  # steps on validated epochs only (--val-every)
+                self.scheduler.step(row[self.cfg.monitor])
         elif isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and \
                 self.scheduler.last_epoch >= self.scheduler.T_max:
             return  # a budget-shortened schedule has ended: stay at the minimum (stepping on would climb again)
@@ -392,21 +418,36 @@ class Run:
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             epoch_t0 = t()
             row = self.run_epoch(epoch)
-            value = row[cfg.monitor] if row[cfg.monitor] != "" else float("nan")
-            is_best = self.stopper.step(float(value), epoch)
+            self.train_s = row["seconds"]
+            validated = self._validates(epoch)
+            if validated:
+                self.validate_epoch(row)
+            self._schedule(epoch, row)
+            # what an epoch costs the budget: with --val-every N > 1 its training and a share of a validation
+            n = cfg.val_every
+            cost = t() - epoch_t0 if n == 1 else self.train_s + (self._eval_estimate() / n if n > 1 else 0.0)
+            out_of_time = self._budget_after_epoch(epoch, t(), cost, full=epoch >= fit_epoch and not self.cut_short)
+            if out_of_time and not validated:  # the run ends here: its final weights get validated now
+                self.validate_epoch(row)
+                validated = True
+            row = {k: (v if k == "epoch" else _fmt(v)) for k, v in row.items()}
+            is_best = validated and self.stopper.step(float(row[cfg.monitor] if row[cfg.monitor] != "" else "nan"),
+                                                      epoch)
             self.history.append(row)
             if self.dist.main:
                 _write_history(self.out / "history.csv", self.history)
-                self.save(epoch, row, is_best or cfg.select == "last")
+                self.save(epoch, row, validated and (is_best or cfg.select == "last"))
                 self._on_epoch_end(epoch)
-            log.info("epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f auc %s | lr %.2g | %.1fs%s",
-                     epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
-                     row["val_auc"], row["lr"], row["seconds"], "  *best*" if is_best else "")
+            log.info("epoch %d/%d  train loss %.4f acc %.3f | %s | lr %.2g | %.1fs%s", epoch, cfg.epochs,
+                     row["train_loss"], row["train_acc"],
+                     f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} auc {row['val_auc']}" if validated
+                     else f"not validated (--val-every {cfg.val_every})", row["lr"], row["seconds"],
+                     "  *best*" if is_best else "")
             if self.stopper.should_stop:
-                log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)", cfg.monitor,
+                log.info("early stopping: %s has not improved for %d validations (best %.4f at epoch %d)", cfg.monitor,
                          cfg.early_stop, self.stopper.best, self.stopper.best_epoch)
                 break
-            if self._budget_after_epoch(epoch, t(), t() - epoch_t0, full=epoch >= fit_epoch and not self.cut_short):
+            if out_of_time:
                 log.info("time budget of %.1f min: stopping after epoch %d", cfg.time_budget_min, epoch)
                 break
 
@@ -472,7 +513,8 @@ class Run:
         Args:
             epoch: the epoch just finished.
             elapsed_s: seconds since the loop started (the linear probe and decoding included).
-            epoch_s: what this epoch took, validation included.
+            epoch_s: what this epoch cost: its training and validation, or with --val-every N > 1 its
+                training and 1/N of a validation (the final validation is then set aside from the time left).
             full: whether it trained the whole network to the end (not frozen, not cut short).
         """
         cfg = self.cfg
@@ -487,9 +529,12 @@ class Run:
             self.full_epochs.append(epoch_s)
         next_s = max(statistics.median(self.full_epochs), epoch_s) if self.full_epochs else epoch_s
         left_s = cfg.time_budget_min * 60 - elapsed_s
+        if cfg.val_every != 1:  # the last epoch's validation, not in the per-epoch cost
+            left_s -= self._eval_estimate()
         more = int(self._rank0_value(max(0.0, left_s / max(next_s, 1e-9) + BUDGET_SLACK)))  # same on every rank
         if full and cosine:
             self._fit_cosine_to_budget(epoch + more, next_s)
+        self.planned_end = min(epoch + more, cfg.epochs)
         return self.cut_short or more == 0
 
     def _fit_cosine_to_budget(self, fit: int, epoch_s: float) -> None:

@@ -342,12 +342,14 @@ def measure_step_seconds(model: nn.Module, data, criterion: nn.Module, spec: Inp
     return (end - first) / max(1, len(stamps) - 1)
 
 
-def epochs_that_fit(step_s: float, micro: int, n_train: int, n_eval: int, n_probe: int, budget_s: float) -> tuple[float, float]:
+def epochs_that_fit(step_s: float, micro: int, n_train: int, n_eval: float, n_probe: float,
+                    budget_s: float) -> tuple[float, float]:
     """How many epochs of the whole network fit `budget_s`, and what one costs, from one measured step.
 
     An epoch is ceil(n_train / micro) steps plus forward passes over `n_eval` images (validation and
-    precise BN); a forward pass costs FORWARD_COST of a training step per image (as the mid-epoch
-    budget guard assumes). The linear probe's forward passes over `n_probe` images come first.
+    precise BN; with --val-every N a 1/N share of them); a forward pass costs FORWARD_COST of a training
+    step per image (as the mid-epoch budget guard assumes). Forward passes over `n_probe` images happen
+    once, outside the epochs (the linear probe; with --val-every the final validation).
 
     Returns:
         (epochs, seconds an epoch)

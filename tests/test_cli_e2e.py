@@ -179,6 +179,40 @@ def test_select_last_keeps_the_final_epoch_and_best_the_monitored_one(synth_dir,
         TrainConfig(data=str(synth_dir), select="final").validate()
 
 
+def test_val_every_validates_every_nth_and_the_final_epoch_without_changing_training(synth_dir, tmp_path,
+                                                                                    monkeypatch):
+    """--val-every 3 over 4 epochs validates epochs 3 and 4 only: the other rows' val columns are empty, training is
+    the same as with every epoch validated (same losses, same final weights, same validation numbers where both
+    validated). With 0 (only the final epoch), a run that the budget ends early validates the epoch it ends on."""
+    from cxrlab.checkpoint import load_checkpoint
+    from cxrlab.config import TrainConfig
+    from cxrlab.errors import CxrlabError
+    from cxrlab.train import Run, fit
+    import torch
+
+    base = dict(data=str(synth_dir), model="custom_cnn", img_size=48, batch_size=8, epochs=4, lr=0.003,
+                report=False, cache=False, workers=0, early_stop=0, select="last", precise_bn=64)
+    for n in (1, 3):
+        fit(TrainConfig(out=str(tmp_path / f"every{n}"), val_every=n, **base), progress=False)
+    every, third = (list(csv.DictReader(open(tmp_path / d / "history.csv"))) for d in ("every1", "every3"))
+    assert [r["val_loss"] == "" for r in third] == [True, True, False, False]
+    assert all(r["val_loss"] != "" for r in every)
+    assert [r["train_loss"] for r in third] == [r["train_loss"] for r in every]
+    assert [(r["val_loss"], r["val_auc"]) for r in third[2:]] == [(r["val_loss"], r["val_auc"]) for r in every[2:]]
+    a, b = (load_checkpoint(tmp_path / d / "best.pt") for d in ("every1", "every3"))
+    assert a["epoch"] == b["epoch"] == 4
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert "not validated (--val-every 3)" in (tmp_path / "every3" / "train.log").read_text()
+
+    monkeypatch.setattr(Run, "_budget_after_epoch", lambda self, epoch, *args, **kw: epoch == 2)
+    res = fit(TrainConfig(out=str(tmp_path / "final"), val_every=0, time_budget_min=1000, **base), progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "final" / "history.csv")))
+    assert [r["val_loss"] == "" for r in rows] == [True, False] and res["best_epoch"] == 2
+    assert load_checkpoint(tmp_path / "final" / "best.pt")["epoch"] == 2
+    with pytest.raises(CxrlabError, match="--val-every must be >= 0"):
+        TrainConfig(data=str(synth_dir), val_every=-1).validate()
+
+
 def test_bf16_on_a_cpu_without_it_trains_in_fp32_and_says_so(synth_dir, tmp_path, monkeypatch):
     from cxrlab import engine
     from cxrlab.config import TrainConfig

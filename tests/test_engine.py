@@ -275,7 +275,7 @@ def _budget_run(epochs: int = 10):
     run.dist = DistInfo()
     run.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     run.scheduler = build_scheduler(run.optimizer, run.cfg)
-    run.full_epochs, run.cut_short = [], False
+    run.full_epochs, run.cut_short, run.eval_s, run.planned_end = [], False, None, None
     return run
 
 
@@ -367,6 +367,32 @@ def test_time_budget_stops_once_the_schedule_has_reached_its_minimum(caplog):
     with caplog.at_level(logging.INFO, logger="cxrlab.train"):
         assert run._budget_after_epoch(3, 40.0, 5.0, full=True)  # 20 s left, 2 fast epochs would fit: stop anyway
     assert "reached its minimum at epoch 3" in caplog.text
+
+
+def test_time_budget_with_val_every_sets_the_final_validation_aside_and_plans_the_last_epoch():
+    """--val-every 0: epochs cost their training only, the one validation at the end is kept out of the time left,
+    and the epoch the budget expects to be the last is the one `_validates` picks. Before any validation its
+    cost is estimated from the training speed."""
+    from types import SimpleNamespace
+
+    from cxrlab.training_setup import FORWARD_COST
+
+    every = _budget_run(epochs=20)
+    every._budget_after_epoch(1, 10.0, 10.0, full=True)  # 50 s left, 10 s epochs (validation included): 5 more
+    assert every.planned_end == 6 and every.scheduler.T_max == 5
+    final = _budget_run(epochs=20)
+    final.cfg.val_every, final.eval_s = 0, 20.0
+    final._budget_after_epoch(1, 10.0, 10.0, full=True)  # 50 s left - 20 s for the validation at the end: 3 more
+    assert final.planned_end == 4 and final.scheduler.T_max == 3
+    assert [final._validates(e) for e in (2, 3, 4, 5)] == [False, False, True, False]
+    assert final._validates(20)  # the last of --epochs always
+    third = _budget_run(epochs=20)
+    third.cfg.val_every, third.planned_end = 3, None
+    assert [third._validates(e) for e in range(1, 7)] == [False, False, True, False, False, True]
+    fresh = _budget_run()
+    fresh.cfg.val_every, fresh.cfg.precise_bn, fresh.eval_s, fresh.train_s = 0, 50, None, 10.0
+    fresh.splits = {"train": SimpleNamespace(arrays=[0] * 100), "val": SimpleNamespace(arrays=[0] * 50)}
+    assert fresh._eval_estimate() == pytest.approx(10.0 / 100 * 100 * FORWARD_COST)
 
 
 def test_time_budget_stops_early_when_the_machine_gets_busier():

@@ -89,6 +89,21 @@ def test_explain_array_result_any_input_size():
     assert overlay_png(res).startswith(b"\x89PNG")
 
 
+def test_explain_arrays_with_the_callers_probabilities_skips_the_prediction_and_uses_them():
+    from cxrlab.explain import explain_arrays
+
+    bundle, images = _bundle(), _images(3, seed=4)
+    plain = explain_arrays(bundle, images)
+    probs = np.array([[r.probs[c] for c in CLASSES] for r in plain])
+    given = explain_arrays(bundle, images, probs=probs)
+    for a, b in zip(plain, given):
+        assert a.predicted == b.predicted == a.target and a.probs == b.probs
+        np.testing.assert_array_equal(a.heatmap, b.heatmap)
+    forced = explain_arrays(bundle, images, probs=np.tile([0.1, 0.1, 0.8], (3, 1)))
+    assert [r.predicted for r in forced] == [r.target for r in forced] == ["TUBERCULOSIS"] * 3
+    assert forced[0].probs["TUBERCULOSIS"] == pytest.approx(0.8)
+
+
 def test_explain_batch_and_errors():
     bundle = _bundle()
     assert explain_batch(bundle, _images(3), [0, 1, 2]).shape == (3, S, S)

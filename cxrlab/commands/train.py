@@ -29,7 +29,7 @@ HELP = {
     "monitor": "metric that picks best.pt (--select best) and drives the scheduler and early stopping: val_loss, val_acc, val_auc",
     "select": "which epoch becomes best.pt: best (the best --monitor value) or last (the final epoch: for "
               "schedules that anneal to the end, e.g. cosine within --time-budget-min)",
-    "early_stop": "stop after this many epochs without improvement (0: never)",
+    "early_stop": "stop after this many validations without improvement (0: never)",
     "class_weights": "weight the loss by inverse class frequency (reference design 2)",
     "loss": "ce or focal",
     "sampler": "shuffle, or balanced (class-balanced sampling with replacement)",
@@ -77,7 +77,10 @@ HELP = {
     "report": "draw plots and report.html at the end",
     "ema": "keep an exponential moving average of the weights with this per-step decay (e.g. 0.998; 0: off); "
            "validation, checkpoints and the final model use the averaged weights",
-    "precise_bn": "re-estimate BatchNorm statistics on this many clean training images after each epoch (0: off)",
+    "precise_bn": "re-estimate BatchNorm statistics on this many clean training images before each validation (0: off)",
+    "val_every": "validate (with --precise-bn) every N epochs and after the final one (1: every epoch; 0: only the "
+                 "final one): more of --time-budget-min trains, e.g. with --select last; --early-stop and the plateau "
+                 "scheduler then count validations, and history.csv leaves the other epochs' val columns empty",
 }
 SKIP = {"model_kwargs", "target_recall"}
 
