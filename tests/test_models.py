@@ -231,13 +231,18 @@ def test_measure_step_seconds_times_a_copy_and_leaves_the_model_alone():
 
 
 def test_auto_freeze_fixes_the_high_resolution_stages_when_few_epochs_fit_and_a_resume_keeps_the_choice(
-        synth_dir, tmp_path):
+        synth_dir, tmp_path, monkeypatch):
     """A budget far too short for 6 epochs: the stem and the stages down to 1/8 of the input stay fixed (their
     weights end as they began), last.pt records the choice, and a resumed run keeps it even with a budget
-    where every layer would train. A long budget trains every layer."""
+    where every layer would train. A long budget trains every layer. The measured step is pinned at 1 s so
+    that the decision does not depend on this machine's speed (a fast CI machine once fitted 6.3 epochs of
+    48 px images into the short budget)."""
+    import cxrlab.train
     from cxrlab.checkpoint import load_checkpoint
     from cxrlab.config import TrainConfig
     from cxrlab.train import fit
+
+    monkeypatch.setattr(cxrlab.train, "measure_step_seconds", lambda *a, **k: 1.0)
 
     torch.manual_seed(1)
     torch.save(create_model("efficientnet_lite0", num_classes=2).state_dict(), tmp_path / "w.pt")
@@ -246,6 +251,7 @@ def test_auto_freeze_fixes_the_high_resolution_stages_when_few_epochs_fit_and_a_
     short = TrainConfig(out=str(tmp_path / "short"), epochs=1, time_budget_min=0.05, **base)
     fit(short, progress=False)
     log = (tmp_path / "short" / "train.log").read_text()
+    assert "from a measured step of 1.00 s" in log
     assert "fewer than 6: the stem and the 3 stage(s) at 1/8 of the input size or more stay fixed" in log
     assert "stem and first 3 stage(s) fixed (--auto-freeze)" in log
     last = load_checkpoint(tmp_path / "short" / "last.pt")
