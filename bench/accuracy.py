@@ -46,13 +46,17 @@ RECIPES = {
     # auto_freeze: on a machine where fewer than 6 epochs of the whole network fit the budget (a 2-core CPU
     # without native bf16: 3-4), the stem and the stages down to 1/8 of the input stay fixed and about twice
     # as many, cheaper epochs fit (docs/BENCHMARKS.md, "Auto-freeze"); with bf16 or a GPU every layer trains.
+    # val_every=0: with select="last" and no early stopping nothing between the first and the final epoch is
+    # chosen, so only the final epoch is validated (for the temperature and the operating points); the per-epoch
+    # validations only drew the history curve, and their time trains instead: one or two more epochs in 30 minutes
+    # on 2-core CPUs, the same training otherwise (docs/BENCHMARKS.md, "Validation only at the end": paired seeds).
     "recommended": dict(model="efficientnet_lite0", pretrained=True, head_init="probe", img_size=224, equalize=True,
                         epochs=30, ema=0.998,
                         batch_size=32, optimizer="adamw", lr=1e-3, weight_decay=1e-2, backbone_lr_mult=0.3,
                         warmup_epochs=1, scheduler="cosine", label_smoothing=0.1, class_weights=True,
                         aug_rotation=10.0, aug_translate=0.06, aug_crop_scale_min=0.75, aug_brightness=0.3,
                         aug_contrast=0.3, aug_gamma=0.3, aug_noise=0.02, aug_blur=1.5, early_stop=0, monitor="val_loss",
-                        select="last", amp="bf16", auto_freeze=True),
+                        select="last", val_every=0, amp="bf16", auto_freeze=True),
     # The two reference designs with their own defaults (design 1: Adam 1e-3, plateau, 224 px;
     # design 2: class weights, best by validation AUC).
     # Both in bf16 autocast on CPU (design 1 asks for mixed precision; about 2x faster on CPUs with native

@@ -1,0 +1,35 @@
+"""The recipes of `bench/accuracy.py` are valid training configurations, and the recommended one validates only
+what it ships: with `select="last"` and no early stopping nothing in between is chosen."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from cxrlab.config import TrainConfig
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
+
+
+def recipes() -> dict:
+    spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RECIPES
+
+
+@pytest.mark.parametrize("name", sorted(recipes()))
+def test_every_recipe_is_a_valid_config(name):
+    cfg = TrainConfig.from_dict({"data": "d", "time_budget_min": 30.0, **recipes()[name]}).validate()
+    assert cfg.model == recipes()[name]["model"]
+
+
+def test_recommended_recipe_validates_only_the_epoch_it_ships():
+    cfg = TrainConfig.from_dict({"data": "d", "time_budget_min": 30.0, **recipes()["recommended"]}).validate()
+    assert (cfg.select, cfg.early_stop, cfg.scheduler) == ("last", 0, "cosine")  # nothing chosen by validation
+    assert cfg.val_every == 0
+    # the reference designs keep choosing their best epoch, so they validate every epoch
+    for name in ("chestxray_cnn", "custom_cnn"):
+        assert TrainConfig.from_dict({"data": "d", **recipes()[name]}).val_every == 1
