@@ -43,9 +43,10 @@ RECIPES = {
     # carve (785 Kermany images) is too small to rank epochs, and its loss picked early, worse epochs
     # (Kermany test, five seeds: 0.936-0.949 / AUC 0.979-0.980 with the final epoch; 0.925-0.946 / 0.974-0.979
     # for seeds 0-2 with the loss).
-    # auto_freeze: on a machine where fewer than 6 epochs of the whole network fit the budget (a 2-core CPU
-    # without native bf16: 3-4), the stem and the stages down to 1/8 of the input stay fixed and about twice
-    # as many, cheaper epochs fit (docs/BENCHMARKS.md, "Auto-freeze"); with bf16 or a GPU every layer trains.
+    # auto_freeze: on a machine where fewer than 10 epochs of the whole network fit the budget (a 2-core CPU
+    # without native bf16: 3-4; a Xeon whose bf16 is no faster than fp32: 7), the stem and the stages down to
+    # 1/8 of the input stay fixed and 1.6-2x as many, cheaper epochs fit (docs/BENCHMARKS.md, "Auto-freeze");
+    # where bf16 is fast (15-16 Kermany epochs) or on a GPU every layer trains.
     # val_every=0: with select="last" and no early stopping nothing between the first and the final epoch is
     # chosen, so only the final epoch is validated (for the temperature and the operating points); the per-epoch
     # validations only drew the history curve, and their time trains instead: one or two more epochs in 30 minutes

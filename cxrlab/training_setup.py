@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 
 import torch
 import torch.nn as nn
@@ -277,10 +278,14 @@ def freeze_stages(model: nn.Module, n: int, name: str) -> frozenset:
 
 # --auto-freeze: when fewer epochs of the whole network than this fit the time budget, the high-resolution
 # stages (output at least 1/AUTO_FREEZE_STRIDE of the input size) stay fixed, which makes each step cheaper.
-# Measured with EfficientNet-Lite0 (docs/BENCHMARKS.md, "Auto-freeze"): on Kermany, 3-4 full epochs against 6
-# with the first 3 stages fixed, the fixed ones won; 7-8 full epochs against 11-12 fixed, level. The recipe's
-# measured cxr3 runs (7 full epochs on a CPU with bf16) stay as they were.
-AUTO_FREEZE_BELOW_EPOCHS = 6
+# Measured with EfficientNet-Lite0 on Kermany (docs/BENCHMARKS.md, "Auto-freeze" and "Where auto-freeze draws
+# the line"): 3-4 full epochs against 5-6 with the first 3 stages fixed, the fixed ones won (3 seeds, AVX2 CPU);
+# 7 full epochs against 11 fixed, the fixed ones won again (2 seeds, a Xeon whose estimates, 5.7-7.8, straddled
+# the former threshold of 6); at 7-8 against 11-12 on a CPU with fast bf16, two averaged members each, level
+# in accuracy and 0.006 of AUC to the fixed ones. Where 15-16 full epochs fit (that CPU, the recipe's best
+# results) every layer trains (the fixed members fitted validation less well: AUC 0.992-0.994 against 0.995).
+# 10 leaves room for the estimate's error (7.8 where 7.3 fitted) on both sides.
+AUTO_FREEZE_BELOW_EPOCHS = 10
 AUTO_FREEZE_STRIDE = 8
 
 
@@ -311,9 +316,10 @@ def high_resolution_stages(model: nn.Module, img_size: int, in_chans: int, strid
 
 
 def measure_step_seconds(model: nn.Module, data, criterion: nn.Module, spec: InputSpec, step, device: torch.device,
-                         cfg: TrainConfig, steps: int = 2) -> float:
+                         cfg: TrainConfig, steps: int = 4) -> float:
     """Seconds per training step of the whole network (augmentation, forward, backward, optimiser) at
     `step.batch_size` images, timed on a throwaway copy after one warm-up step: the model is untouched.
+    The median step counts (`typical_step_seconds`): single steps on a shared 2-core CPU vary by 15%.
 
     Args:
         model: the model, unwrapped, before any stage is frozen.
@@ -337,9 +343,14 @@ def measure_step_seconds(model: nn.Module, data, criterion: nn.Module, spec: Inp
     stamps: list[float] = []
     train_one_epoch(clone, ArrayData(data.images[:n], data.labels[:n]), build_optimizer(clone, cfg), criterion, spec,
                     step, device, on_batch=lambda _i: stamps.append(time.perf_counter()))
-    end = time.perf_counter()
-    first = stamps[1] if len(stamps) > 1 else stamps[0]  # the first step also builds kernels and buffers
-    return (end - first) / max(1, len(stamps) - 1)
+    return typical_step_seconds(stamps + [time.perf_counter()])
+
+
+def typical_step_seconds(stamps: list[float]) -> float:
+    """The median of the steps between consecutive time stamps (each step's start, then the end), the first
+    step left out when there are others: it also builds kernels and buffers."""
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return statistics.median(steps[1:] or steps)
 
 
 def epochs_that_fit(step_s: float, micro: int, n_train: int, n_eval: float, n_probe: float,

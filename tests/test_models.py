@@ -230,9 +230,18 @@ def test_measure_step_seconds_times_a_copy_and_leaves_the_model_alone():
     assert {id(p) for p in model.parameters() if not p.requires_grad} == fixed
 
 
+def test_typical_step_is_the_median_after_the_warm_up_step():
+    from cxrlab.training_setup import typical_step_seconds
+
+    # step starts at 0, 5 (warm-up took 5 s), 6.5, 7.5, 10 (one slow step), end 11: steps 1.5, 1, 2.5, 1
+    assert typical_step_seconds([0.0, 5.0, 6.5, 7.5, 10.0, 11.0]) == pytest.approx(1.25)
+    assert typical_step_seconds([0.0, 5.0, 6.5, 8.0]) == pytest.approx(1.5)  # the warm-up left out
+    assert typical_step_seconds([2.0, 3.5]) == pytest.approx(1.5)  # a single step is all there is
+
+
 def test_auto_freeze_fixes_the_high_resolution_stages_when_few_epochs_fit_and_a_resume_keeps_the_choice(
         synth_dir, tmp_path, monkeypatch):
-    """A budget far too short for 6 epochs: the stem and the stages down to 1/8 of the input stay fixed (their
+    """A budget far too short for 10 epochs: the stem and the stages down to 1/8 of the input stay fixed (their
     weights end as they began), last.pt records the choice, and a resumed run keeps it even with a budget
     where every layer would train. A long budget trains every layer. The measured step is pinned at 1 s so
     that the decision does not depend on this machine's speed (a fast CI machine once fitted 6.3 epochs of
@@ -252,7 +261,7 @@ def test_auto_freeze_fixes_the_high_resolution_stages_when_few_epochs_fit_and_a_
     fit(short, progress=False)
     log = (tmp_path / "short" / "train.log").read_text()
     assert "from a measured step of 1.00 s" in log
-    assert "fewer than 6: the stem and the 3 stage(s) at 1/8 of the input size or more stay fixed" in log
+    assert "fewer than 10: the stem and the 3 stage(s) at 1/8 of the input size or more stay fixed" in log
     assert "stem and first 3 stage(s) fixed (--auto-freeze)" in log
     last = load_checkpoint(tmp_path / "short" / "last.pt")
     assert last["train_state"]["frozen_stages"] == 3

@@ -54,7 +54,7 @@ HELP = {
     "freeze_stages": "keep the input stem and the first N stages of the pretrained backbone fixed for the whole run "
                      "(EfficientNet: 7 stages, ResNet: 4, MobileNetV3: 11 blocks); training steps get cheaper, "
                      "e.g. 1.6x (bf16) to 2.0x (fp32) with 3 on EfficientNet-Lite0 at 224 px (0: train every layer)",
-    "auto_freeze": "with --time-budget-min: time a training step first and, when fewer than 6 epochs of the whole "
+    "auto_freeze": "with --time-budget-min: time a training step first and, when fewer than 10 epochs of the whole "
                    "network would fit, keep the pretrained stem and high-resolution stages (down to 1/8 of the input "
                    "size) fixed as --freeze-stages does, so that more, cheaper epochs fit (the choice is in train.log)",
     "head_init": "random, or probe: fit the new head by logistic regression on the pretrained features before "
