@@ -75,6 +75,8 @@ class TrainConfig:
     aug_blur_match: bool = False
     aug_crop_scale_max: float = 1.0
     aug_frame: float = 0.0
+    progressive_size: int = 0
+    progressive_frac: float = 0.5
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -125,6 +127,10 @@ class TrainConfig:
             (0 <= self.aug_blur <= 10, f"--aug-blur is a Gaussian sigma in pixels, 0..10, got {self.aug_blur}"),
             (0 <= self.aug_frame < 0.5, f"--aug-frame is the largest band width as a fraction of the side, 0..0.5 "
                                         f"(e.g. 0.15), got {self.aug_frame}"),
+            (self.progressive_size == 0 or self.progressive_size >= 16,
+             f"--progressive-size is the early epochs' image size in pixels, e.g. 160 (0: off), got {self.progressive_size}"),
+            (0 < self.progressive_frac < 1, f"--progressive-frac is the share of the epochs trained at --progressive-size, "
+                                            f"in (0, 1) such as 0.5, got {self.progressive_frac}"),
             (self.val_every >= 0, f"--val-every must be >= 0 (1: every epoch; 0: only the final one), got {self.val_every}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1) such as 0.998 (0: off), got {self.ema}"),
             (self.freeze_stages >= 0, f"--freeze-stages must be >= 0 (0: train every layer), got {self.freeze_stages}"),

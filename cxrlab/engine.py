@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from cxrlab.data.augment import AugmentConfig, augment_batch
 from cxrlab.data.preprocess import to_model_input
+from cxrlab.progressive import scaled_augment, shrink
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ class StepConfig:
     grad_accum: int = 1
     progress: bool = True
     consistency: float = 0.0
+    size: int = 0  # --progressive-size: train on images shrunk to this many px (0: as cached)
 
 
 def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Optimizer, criterion: nn.Module,
@@ -256,7 +258,8 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
         data: training images and labels (CPU).
         optimizer, criterion: as usual; `criterion(logits, soft_targets)`.
         spec: normalisation and channel layout.
-        step: batch size (global), seeds, augmentation, mixing, precision.
+        step: batch size (global), seeds, augmentation, mixing, precision, and the size the images are
+            shrunk to before augmentation (`step.size`, progressive resizing; blur sigmas shrink with them).
         device: where to compute.
         dist: rank and world size.
         scaler: GradScaler for fp16 on CUDA.
@@ -276,6 +279,9 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
     micro = max(1, step.batch_size // (dist.world * step.grad_accum))
     batches = [order[i : i + micro] for i in range(0, len(order), micro)]
     g = epoch_generator(step.seed, step.epoch, salt=100 + dist.rank)
+    augment = step.augment
+    if step.size:
+        augment = scaled_augment(augment, step.size / max(data.images.shape[-2:]))
     totals = torch.zeros(3, dtype=torch.float64)
     bar = tqdm(batches, desc=f"epoch {step.epoch}", disable=None if (step.progress and dist.main) else True, leave=False, unit="batch")
     optimizer.zero_grad(set_to_none=True)
@@ -284,10 +290,12 @@ def train_one_epoch(model: nn.Module, data: ArrayData, optimizer: torch.optim.Op
         if on_batch:
             on_batch(i)
         raw = data.images[idx].to(device, non_blocking=True)
+        if step.size:
+            raw = shrink(raw, step.size)
         labels = data.labels[idx]
-        x = augment_batch(raw, step.augment, g, labels)
+        x = augment_batch(raw, augment, g, labels)
         if step.consistency:  # a second, independently augmented view of the same images
-            x = torch.cat([x, augment_batch(raw, step.augment, g, labels)])
+            x = torch.cat([x, augment_batch(raw, augment, g, labels)])
         x = to_model_input(x, spec.mean, spec.std, spec.in_chans)
         if spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

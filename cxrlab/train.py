@@ -31,6 +31,7 @@ from cxrlab.engine import (ArrayData, EarlyStopping, InputSpec, StepConfig, Time
                            epoch_metrics, predict_logits, recalibrate_batchnorm, resolve_amp, train_one_epoch,
                            weight_ema)
 from cxrlab.errors import CxrlabError
+from cxrlab.progressive import cost_fraction, epoch_size, more_epochs_that_fit
 from cxrlab.training_setup import (AUTO_FREEZE_BELOW_EPOCHS, AUTO_FREEZE_STRIDE, FORWARD_COST, PROBE_MAX_IMAGES,
                                    build_criterion, build_optimizer, build_scheduler, epochs_that_fit, freeze_stages,
                                    high_resolution_stages, init_distributed, measure_step_seconds, resolve_device,
@@ -38,7 +39,7 @@ from cxrlab.training_setup import (AUTO_FREEZE_BELOW_EPOCHS, AUTO_FREEZE_STRIDE,
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds", "img_size"]
 
 
 @dataclass
@@ -149,6 +150,7 @@ class Run:
         self.history: list[dict] = []
         self.eval_s: float | None = None  # seconds of the last validation (precise BN included)
         self.planned_end: int | None = None  # the epoch the time budget expects to be the last
+        self.full_size_seen = False  # --progressive-size: an epoch has trained at the full size (the rest will too)
 
     def prepare_data(self) -> None:
         cfg = self.cfg
@@ -171,9 +173,13 @@ class Run:
 
     def setup(self) -> None:
         cfg = self.cfg
+        if cfg.progressive_size and cfg.progressive_size >= self.pre.img_size:
+            raise CxrlabError(f"--progressive-size {cfg.progressive_size} must be smaller than the training size "
+                              f"({self.pre.img_size} px, --img-size): e.g. --progressive-size {self.pre.img_size * 5 // 7}")
         names = self.index.class_names
         torch.manual_seed(cfg.seed)  # same initial weights for a given seed, whatever the world size
         self.model, self.spec, self.model_kwargs = setup_model(cfg, len(names), self.pre, self.device)
+        self._check_progressive_size()
         n_params = sum(p.numel() for p in self.model.parameters())
         self.amp = resolve_amp(cfg.amp, self.device)  # the precision used: a CPU without native bf16 trains in fp32
         log.info("model %s: %.2fM parameters, input %d px x %d channel(s), device %s, %s, world size %d",
@@ -209,6 +215,25 @@ class Run:
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
+
+    def _check_progressive_size(self) -> None:
+        """--progressive-size needs a model that takes any input size (global pooling): one forward pass at that size
+        in eval mode (BatchNorm statistics untouched) tells, before any time is spent."""
+        size = self.cfg.progressive_size
+        if not size:
+            return
+        x = torch.zeros(1, self.spec.in_chans, size, size, device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(x)
+        except RuntimeError as exc:
+            raise CxrlabError(f"--progressive-size {size}: model {self.cfg.model} does not take {size} px images, only "
+                              f"--img-size ({self.pre.img_size} px; {str(exc).splitlines()[0]}). Use a model with global "
+                              "pooling (e.g. efficientnet_lite0, resnet18, small_cnn) or drop --progressive-size") from None
+        finally:
+            self.model.train(was_training)
 
     def _augment_config(self, class_blur: tuple = ()) -> AugmentConfig:
         cfg = self.cfg
@@ -300,6 +325,8 @@ class Run:
             self.scaler.load_state_dict(st["scaler"])
         self.stopper.load_state_dict(st["stopper"])
         self.history = list(ckpt["history"])
+        self.planned_end = st.get("planned_end")
+        self.full_size_seen = any(int(r.get("img_size") or 0) >= self.pre.img_size for r in self.history)
         self.start_epoch = int(ckpt["epoch"]) + 1
         log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
 
@@ -322,15 +349,26 @@ class Run:
                 gr["lr"] = gr["base_lr"] * frac
         return hook
 
-    def run_epoch(self, epoch: int) -> dict:
-        """Train one epoch; its history row with the validation columns still empty (see `validate_epoch`)."""
+    def epoch_size(self, epoch: int) -> int:
+        """The image size epoch `epoch` trains at: --img-size, or --progressive-size early in the planned run. Once
+        an epoch has trained at the full size the rest do too (a re-fit of the budget that moves the planned end
+        later never sends training back to small images)."""
+        cfg, full = self.cfg, self.pre.img_size
+        if not cfg.progressive_size or self.full_size_seen:
+            return full
+        return epoch_size(epoch, self.planned_end or cfg.epochs, full, cfg.progressive_size, cfg.progressive_frac)
+
+    def run_epoch(self, epoch: int, size: int | None = None) -> dict:
+        """Train one epoch (on images shrunk to `size` px when smaller than --img-size); its history row with the
+        validation columns still empty (see `validate_epoch`)."""
         cfg, t = self.cfg, Timer()
         if cfg.freeze_epochs:
             set_backbone_frozen(self.model, epoch <= cfg.freeze_epochs, self.fixed)
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout and other module randomness
         train = self.splits["train"].arrays
         step = StepConfig(cfg.batch_size, cfg.seed, epoch, len(self.index.class_names), self.augment, cfg.sampler,
-                          cfg.mixup, cfg.cutmix, self.amp, cfg.grad_accum, self.progress, cfg.consistency)
+                          cfg.mixup, cfg.cutmix, self.amp, cfg.grad_accum, self.progress, cfg.consistency,
+                          size=size if size and size < self.pre.img_size else 0)
         micro = self._micro
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
         on_step = (lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None
@@ -342,7 +380,7 @@ class Run:
             log.info("time budget: epoch %d ended after %d of %d batches to leave time for validation", epoch,
                      tr["batches"], n_batches)
         return {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": None, "val_acc": None,
-                "val_auc": None, "lr": self._lr(), "seconds": t()}
+                "val_auc": None, "lr": self._lr(), "seconds": t(), "img_size": size or self.pre.img_size}
 
     def validate_epoch(self, row: dict) -> None:
         """Precise BN and the validation pass on the weights that are shipped; fills `row` in place."""
@@ -398,7 +436,7 @@ class Run:
         state = {"optimizer": self.optimizer.state_dict(), "stopper": self.stopper.state_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                 "frozen_stages": self.frozen_stages}
+                 "frozen_stages": self.frozen_stages, "planned_end": self.planned_end}
         if self.ema is not None:
             state.update(model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                          ema_n=int(self.ema.n_averaged))
@@ -415,22 +453,32 @@ class Run:
             self._probe_head()  # inside the time budget
         # the budget is fitted on the epochs that train the whole network (frozen epochs are cheaper)
         fit_epoch, self.full_epochs = max(self.start_epoch, cfg.freeze_epochs + 1), []
+        last_size = None
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             epoch_t0 = t()
-            row = self.run_epoch(epoch)
-            self.train_s = row["seconds"]
+            size = self.epoch_size(epoch)
+            if cfg.progressive_size and size != last_size:
+                log.info("progressive resizing: epoch %d trains at %d px", epoch, size)
+            last_size = size
+            row = self.run_epoch(epoch, size)
+            self.full_size_seen |= size == self.pre.img_size
+            train_s = row["seconds"]
+            self.train_s = train_s / cost_fraction(size, self.pre.img_size)  # what it would cost at the full size
             validated = self._validates(epoch)
             if validated:
                 self.validate_epoch(row)
             self._schedule(epoch, row)
             # what an epoch costs the budget: with --val-every N > 1 its training and a share of a validation
+            # (in epochs at the full size: a --progressive-size epoch's training is scaled up by the pixel ratio)
             n = cfg.val_every
-            cost = t() - epoch_t0 if n == 1 else self.train_s + (self._eval_estimate() / n if n > 1 else 0.0)
-            out_of_time = self._budget_after_epoch(epoch, t(), cost, full=epoch >= fit_epoch and not self.cut_short)
+            cost = t() - epoch_t0 + self.train_s - train_s if n == 1 else \
+                self.train_s + (self._eval_estimate() / n if n > 1 else 0.0)
+            out_of_time = self._budget_after_epoch(epoch, t(), cost, full=epoch >= fit_epoch and not self.cut_short,
+                                                   at_full_size=size == self.pre.img_size)
             if out_of_time and not validated:  # the run ends here: its final weights get validated now
                 self.validate_epoch(row)
                 validated = True
-            row = {k: (v if k == "epoch" else _fmt(v)) for k, v in row.items()}
+            row = {k: (v if k in ("epoch", "img_size") else _fmt(v)) for k, v in row.items()}
             is_best = validated and self.stopper.step(float(row[cfg.monitor] if row[cfg.monitor] != "" else "nan"),
                                                       epoch)
             self.history.append(row)
@@ -498,7 +546,8 @@ class Run:
             return now + per_image * n_eval * FORWARD_COST > deadline
         return stop
 
-    def _budget_after_epoch(self, epoch: int, elapsed_s: float, epoch_s: float, full: bool) -> bool:
+    def _budget_after_epoch(self, epoch: int, elapsed_s: float, epoch_s: float, full: bool,
+                            at_full_size: bool = True) -> bool:
         """With --time-budget-min: re-fit the cosine schedule after a full epoch and say whether to stop.
 
         One count of the epochs that still fit serves both, so the run stops where the schedule ends. The
@@ -516,6 +565,8 @@ class Run:
             epoch_s: what this epoch cost: its training and validation, or with --val-every N > 1 its
                 training and 1/N of a validation (the final validation is then set aside from the time left).
             full: whether it trained the whole network to the end (not frozen, not cut short).
+            at_full_size: whether it trained at --img-size (with --progressive-size, the next epoch's cost is the
+                median of those once there are any, since a small epoch scaled by the pixel ratio is an estimate).
         """
         cfg = self.cfg
         if not cfg.time_budget_min:
@@ -526,12 +577,15 @@ class Run:
                      "budget left", epoch, max(0.0, cfg.time_budget_min * 60 - elapsed_s))
             return True
         if full:
-            self.full_epochs.append(epoch_s)
-        next_s = max(statistics.median(self.full_epochs), epoch_s) if self.full_epochs else epoch_s
+            self.full_epochs.append((epoch_s, at_full_size))
+        costs = [s for s, at_full in self.full_epochs if at_full] or [s for s, _ in self.full_epochs]
+        next_s = max(statistics.median(costs), epoch_s) if costs else epoch_s
         left_s = cfg.time_budget_min * 60 - elapsed_s
         if cfg.val_every != 1:  # the last epoch's validation, not in the per-epoch cost
             left_s -= self._eval_estimate()
-        more = int(self._rank0_value(max(0.0, left_s / max(next_s, 1e-9) + BUDGET_SLACK)))  # same on every rank
+        budget = self._rank0_value(max(0.0, left_s / max(next_s, 1e-9) + BUDGET_SLACK))  # same on every rank
+        more = int(budget) if not cfg.progressive_size or self.full_size_seen else \
+            more_epochs_that_fit(epoch, budget, cfg.epochs, self.pre.img_size, cfg.progressive_size, cfg.progressive_frac)
         if full and cosine:
             self._fit_cosine_to_budget(epoch + more, next_s)
         self.planned_end = min(epoch + more, cfg.epochs)

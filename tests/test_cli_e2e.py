@@ -36,7 +36,7 @@ def test_train_writes_the_run_folder(cli_run):
         assert (run / f).is_file(), f
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds"}
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds", "img_size"}
     import yaml
 
     cfg = yaml.safe_load(open(run / "config.yaml"))

@@ -74,6 +74,11 @@ HELP = {
     "aug_frame": "largest width of random black bands painted over the film's edges (fraction of the side; each "
                  "side of each image gets one with probability 0.5): borders and markers stop being a cue "
                  "(`cxrlab explain --regions` measures how much the edges decide; 0: off)",
+    "progressive_size": "progressive resizing: the first --progressive-frac of the planned epochs train on images "
+                        "shrunk to this many pixels (e.g. 160; an epoch costs about the pixel ratio, (160/224)^2 = 0.51, "
+                        "so more epochs fit --time-budget-min); the rest, validation and the model train and run at "
+                        "--img-size (0: off)",
+    "progressive_frac": "share of the planned epochs trained at --progressive-size (the first ones)",
     "report": "draw plots and report.html at the end",
     "ema": "keep an exponential moving average of the weights with this per-step decay (e.g. 0.998; 0: off); "
            "validation, checkpoints and the final model use the averaged weights",
