@@ -4,9 +4,10 @@ The simplest form of fastai's progressive resizing and EfficientNetV2's progress
 `frac` of the planned epochs see every training image downsampled (antialiased, before augmentation) to
 `small` px; the rest, where the cosine schedule anneals, train at the full size that validation, precise
 BatchNorm, the shipped checkpoint and `predict` all use. A convolution's cost scales with the pixels, so
-an epoch at `small` px costs about (small / full)^2 of a full one (measured on the 2-core Xeon: 192 px
-epochs took 0.734 of the 224 px ones, against 0.735 predicted), and the time budget counts epochs in
-those units.
+an epoch at `small` px costs about (small / full)^2 of a full one, and the time budget counts epochs in
+those units until full-size epochs have run (measured on the 2-core Xeon with EfficientNet-Lite0: 192 px
+epochs took 0.73 of the 224 px ones, the pixel ratio; 160 px epochs 0.55 against 0.51, since some per-step
+costs do not shrink).
 """
 
 from __future__ import annotations

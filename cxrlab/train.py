@@ -302,7 +302,8 @@ class Run:
     def _load_resume_state(self, ckpt: dict) -> None:
         path = self.out / "last.pt"
         old = ckpt["config"]
-        for key in ("model", "img_size", "seed", "split_seed", "batch_size", "freeze_stages", "auto_freeze"):
+        for key in ("model", "img_size", "seed", "split_seed", "batch_size", "freeze_stages", "auto_freeze",
+                    "progressive_size", "progressive_frac"):
             if old.get(key, getattr(TrainConfig, key)) != getattr(self.cfg, key):
                 raise CxrlabError(f"--resume: {key} was {old.get(key)!r} in '{path}' but is {getattr(self.cfg, key)!r} now; "
                                   "resume with the original settings")

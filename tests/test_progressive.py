@@ -171,3 +171,16 @@ def test_an_interrupted_progressive_run_resumes_to_the_same_result(synth_dir, tm
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
     wa, wb = (load_checkpoint(tmp_path / d / "last.pt")["state_dict"] for d in ("full", "part"))
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+
+
+def test_resume_refuses_a_different_progressive_size(synth_dir, tmp_path):
+    from cxrlab.config import TrainConfig
+    from cxrlab.errors import CxrlabError
+    from cxrlab.train import fit
+
+    base = dict(data=str(synth_dir), model="small_cnn", img_size=48, batch_size=16, epochs=1, report=False,
+                cache=False, workers=0)
+    fit(TrainConfig(out=str(tmp_path / "r"), **base), progress=False)
+    with pytest.raises(CxrlabError, match="--resume: progressive_size was 0 .* but is 32 now"):
+        fit(TrainConfig(out=str(tmp_path / "r"), progressive_size=32, **{**base, "epochs": 2}), resume=True,
+            progress=False)
