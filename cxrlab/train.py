@@ -350,16 +350,19 @@ class Run:
                 gr["lr"] = gr["base_lr"] * frac
         return hook
 
-    def epoch_size(self, epoch: int) -> int:
-        """The image size epoch `epoch` trains at: --img-size, or --progressive-size early in the planned run. Once
-        an epoch has trained at the full size the rest do too (a re-fit of the budget that moves the planned end
-        later never sends training back to small images)."""
-        cfg, full = self.cfg, self.pre.img_size
-        if not cfg.progressive_size or self.full_size_seen:
-            return full
-        return epoch_size(epoch, self.planned_end or cfg.epochs, full, cfg.progressive_size, cfg.progressive_frac)
+    @property
+    def _small_size(self) -> int:
+        """--progressive-size while it can still apply, else 0: once an epoch has trained at the full size the rest
+        do too (a re-fit of the budget that moves the planned end later never sends training back to small images)."""
+        return 0 if self.full_size_seen else self.cfg.progressive_size
 
-    def run_epoch(self, epoch: int, size: int | None = None) -> dict:
+    def epoch_size(self, epoch: int) -> int:
+        """The image size epoch `epoch` trains at: --img-size, or --progressive-size early in the planned run."""
+        cfg = self.cfg
+        return epoch_size(epoch, self.planned_end or cfg.epochs, self.pre.img_size, self._small_size,
+                          cfg.progressive_frac)
+
+    def run_epoch(self, epoch: int, size: int) -> dict:
         """Train one epoch (on images shrunk to `size` px when smaller than --img-size); its history row with the
         validation columns still empty (see `validate_epoch`)."""
         cfg, t = self.cfg, Timer()
@@ -369,7 +372,7 @@ class Run:
         train = self.splits["train"].arrays
         step = StepConfig(cfg.batch_size, cfg.seed, epoch, len(self.index.class_names), self.augment, cfg.sampler,
                           cfg.mixup, cfg.cutmix, self.amp, cfg.grad_accum, self.progress, cfg.consistency,
-                          size=size if size and size < self.pre.img_size else 0)
+                          size=size if size < self.pre.img_size else 0)
         micro = self._micro
         n_batches = math.ceil(math.ceil(len(train) / self.dist.world) / micro)
         on_step = (lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None
@@ -381,7 +384,7 @@ class Run:
             log.info("time budget: epoch %d ended after %d of %d batches to leave time for validation", epoch,
                      tr["batches"], n_batches)
         return {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": None, "val_acc": None,
-                "val_auc": None, "lr": self._lr(), "seconds": t(), "img_size": size or self.pre.img_size}
+                "val_auc": None, "lr": self._lr(), "seconds": t(), "img_size": size}
 
     def validate_epoch(self, row: dict) -> None:
         """Precise BN and the validation pass on the weights that are shipped; fills `row` in place."""
@@ -585,8 +588,9 @@ class Run:
         if cfg.val_every != 1:  # the last epoch's validation, not in the per-epoch cost
             left_s -= self._eval_estimate()
         budget = self._rank0_value(max(0.0, left_s / max(next_s, 1e-9) + BUDGET_SLACK))  # same on every rank
-        more = int(budget) if not cfg.progressive_size or self.full_size_seen else \
-            more_epochs_that_fit(epoch, budget, cfg.epochs, self.pre.img_size, cfg.progressive_size, cfg.progressive_frac)
+        small = self._small_size
+        more = more_epochs_that_fit(epoch, budget, cfg.epochs, self.pre.img_size, small, cfg.progressive_frac) if small \
+            else int(budget)
         if full and cosine:
             self._fit_cosine_to_budget(epoch + more, next_s)
         self.planned_end = min(epoch + more, cfg.epochs)

@@ -38,3 +38,28 @@ def tiny_run(synth_dir, tmp_path_factory):
                       report=False, cache=False, workers=0)
     fit(cfg, progress=False)
     return out
+
+
+@pytest.fixture
+def budget_run():
+    """Factory of Runs with just what the time-budget fit needs: 1 warm-up epoch, cosine from lr 0.1, a 60 s
+    budget, 224 px; `budget_run(epochs, **config)` (other TrainConfig keys as keywords)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cxrlab.config import TrainConfig
+    from cxrlab.engine import DistInfo
+    from cxrlab.train import Run
+    from cxrlab.training_setup import build_scheduler
+
+    def make(epochs: int = 10, **config) -> Run:
+        run = Run.__new__(Run)
+        run.cfg = TrainConfig(data="x", epochs=epochs, warmup_epochs=1, scheduler="cosine", time_budget_min=1.0,
+                              lr=0.1, **config)
+        run.dist, run.pre = DistInfo(), SimpleNamespace(img_size=224)
+        run.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        run.scheduler = build_scheduler(run.optimizer, run.cfg)
+        run.full_epochs, run.cut_short, run.eval_s, run.planned_end, run.full_size_seen = [], False, None, None, False
+        return run
+    return make

@@ -263,25 +263,9 @@ def test_weight_ema_follows_the_warmed_up_decay():
         TrainConfig(data="x", ema=1.0).validate()
 
 
-def _budget_run(epochs: int = 10):
-    """A Run with just what the budget fit needs: 1 warm-up epoch, cosine from lr 0.1, a 60 s budget."""
-    from cxrlab.config import TrainConfig
-    from cxrlab.engine import DistInfo
-    from cxrlab.train import Run
-    from cxrlab.training_setup import build_scheduler
-
-    run = Run.__new__(Run)
-    run.cfg = TrainConfig(data="x", epochs=epochs, warmup_epochs=1, scheduler="cosine", time_budget_min=1.0, lr=0.1)
-    run.dist = DistInfo()
-    run.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    run.scheduler = build_scheduler(run.optimizer, run.cfg)
-    run.full_epochs, run.cut_short, run.eval_s, run.planned_end = [], False, None, None
-    return run
-
-
-def test_cosine_schedule_is_fitted_to_the_time_budget():
+def test_cosine_schedule_is_fitted_to_the_time_budget(budget_run):
     def run_after_first_epoch(seconds: float):
-        run = _budget_run()
+        run = budget_run()
         run._budget_after_epoch(1, seconds, seconds, full=True)
         return run
 
@@ -296,7 +280,7 @@ def test_cosine_schedule_is_fitted_to_the_time_budget():
     assert run_after_first_epoch(5.0).scheduler.T_max == 9  # 12 epochs would fit: the configured 10 stand
     # with 2 frozen epochs the fit is made after epoch 3, on that epoch's own (full) cost: 60 s budget, 30 s
     # gone (two cheap frozen epochs of 5 s and a full one of 20 s) -> 1 more full epoch fits, ending at epoch 4
-    frozen = _budget_run()
+    frozen = budget_run()
     assert not frozen._budget_after_epoch(1, 5.0, 5.0, full=False)
     assert not frozen._budget_after_epoch(2, 10.0, 5.0, full=False)
     assert frozen.scheduler.T_max == 9  # frozen epochs do not fit the schedule
@@ -304,12 +288,12 @@ def test_cosine_schedule_is_fitted_to_the_time_budget():
     assert frozen.scheduler.T_max == 3  # ends at epoch 4 (= 1 warm-up + 3)
 
 
-def test_time_budget_is_refitted_after_a_slow_first_epoch():
+def test_time_budget_is_refitted_after_a_slow_first_epoch(budget_run):
     """A cold first epoch (15 s, then 5 s each) first fits the schedule short; the re-fits on the median epoch
     move its end out, the learning rate never rises, and the run stops exactly where the schedule ends, at
     its minimum (one estimate for both: the old stop check used the mean, which the slow epoch kept high,
     and stopped at epoch 9, one before the schedule's end)."""
-    run = _budget_run(epochs=20)
+    run = budget_run(epochs=20)
     elapsed, ends, lrs, stopped_at = 0.0, [], [], None
     for epoch in range(1, 21):
         run._schedule(epoch, {})  # what run_epoch does at the end of the epoch
@@ -332,12 +316,12 @@ def test_time_budget_is_refitted_after_a_slow_first_epoch():
     assert run.scheduler.T_max == run.scheduler.last_epoch == 9
 
 
-def test_time_budget_noise_on_long_epochs_does_not_leave_an_epoch_at_zero_learning_rate():
+def test_time_budget_noise_on_long_epochs_does_not_leave_an_epoch_at_zero_learning_rate(budget_run):
     """Measured on a slow CPU (a 26 min budget, a 100 s probe, then epochs of 360, 371, 343 and 349 s): with the
     count of epochs rounded down, 1.96 epochs left after epoch 2 became 1, the schedule ended at epoch 3, the
     next re-fit found room for epoch 4 and ran it at a zero learning rate. An epoch that fits to within a tenth
     now counts: the schedule ends at epoch 4, every epoch trains, and the run stops there."""
-    run = _budget_run(epochs=30)
+    run = budget_run(epochs=30)
     run.cfg.time_budget_min = 26.0
     elapsed, lrs, stopped_at = 100.0, [], None
     for epoch, seconds in enumerate([360.0, 371.0, 343.0, 349.0, 350.0], start=1):
@@ -352,12 +336,12 @@ def test_time_budget_noise_on_long_epochs_does_not_leave_an_epoch_at_zero_learni
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # annealed by the end
 
 
-def test_time_budget_stops_once_the_schedule_has_reached_its_minimum(caplog):
+def test_time_budget_stops_once_the_schedule_has_reached_its_minimum(caplog, budget_run):
     """If an epoch runs much faster than the estimate after the schedule was fitted to end with it, the
     learning rate is already at its minimum and cannot climb back: the run stops instead of training at 0."""
     import logging
 
-    run = _budget_run(epochs=20)
+    run = budget_run(epochs=20)
     run._schedule(1, {})
     assert not run._budget_after_epoch(1, 10.0, 10.0, full=True)  # 50 s left: ends at epoch 6
     run._schedule(2, {})
@@ -369,7 +353,7 @@ def test_time_budget_stops_once_the_schedule_has_reached_its_minimum(caplog):
     assert "reached its minimum at epoch 3" in caplog.text
 
 
-def test_time_budget_with_val_every_sets_the_final_validation_aside_and_plans_the_last_epoch():
+def test_time_budget_with_val_every_sets_the_final_validation_aside_and_plans_the_last_epoch(budget_run):
     """--val-every 0: epochs cost their training only, the one validation at the end is kept out of the time left,
     and the epoch the budget expects to be the last is the one `_validates` picks. Before any validation its
     cost is estimated from the training speed."""
@@ -377,28 +361,28 @@ def test_time_budget_with_val_every_sets_the_final_validation_aside_and_plans_th
 
     from cxrlab.training_setup import FORWARD_COST
 
-    every = _budget_run(epochs=20)
+    every = budget_run(epochs=20)
     every._budget_after_epoch(1, 10.0, 10.0, full=True)  # 50 s left, 10 s epochs (validation included): 5 more
     assert every.planned_end == 6 and every.scheduler.T_max == 5
-    final = _budget_run(epochs=20)
+    final = budget_run(epochs=20)
     final.cfg.val_every, final.eval_s = 0, 20.0
     final._budget_after_epoch(1, 10.0, 10.0, full=True)  # 50 s left - 20 s for the validation at the end: 3 more
     assert final.planned_end == 4 and final.scheduler.T_max == 3
     assert [final._validates(e) for e in (2, 3, 4, 5)] == [False, False, True, False]
     assert final._validates(20)  # the last of --epochs always
-    third = _budget_run(epochs=20)
+    third = budget_run(epochs=20)
     third.cfg.val_every, third.planned_end = 3, None
     assert [third._validates(e) for e in range(1, 7)] == [False, False, True, False, False, True]
-    fresh = _budget_run()
+    fresh = budget_run()
     fresh.cfg.val_every, fresh.cfg.precise_bn, fresh.eval_s, fresh.train_s = 0, 50, None, 10.0
     fresh.splits = {"train": SimpleNamespace(arrays=[0] * 100), "val": SimpleNamespace(arrays=[0] * 50)}
     assert fresh._eval_estimate() == pytest.approx(10.0 / 100 * 100 * FORWARD_COST)
 
 
-def test_time_budget_stops_early_when_the_machine_gets_busier():
+def test_time_budget_stops_early_when_the_machine_gets_busier(budget_run):
     """The median ignores one slow epoch at the start, but an epoch slower than the median just now counts:
     after eight 5 s epochs a 12 s one leaves 8 s, less than the 12 s the next may take."""
-    run = _budget_run(epochs=20)
+    run = budget_run(epochs=20)
     for epoch in range(1, 9):
         run._schedule(epoch, {})
         assert not run._budget_after_epoch(epoch, 5.0 * epoch, 5.0, full=True)
@@ -406,7 +390,7 @@ def test_time_budget_stops_early_when_the_machine_gets_busier():
     assert run._budget_after_epoch(9, 52.0, 12.0, full=True)  # the median alone (5 s) would go on
     assert run.scheduler.T_max + 1 == 9  # and the schedule ends at this epoch too
     run.cut_short = True  # an epoch the mid-epoch guard ended early always ends the run
-    assert _budget_run()._budget_after_epoch(1, 1.0, 1.0, full=True) is False
+    assert budget_run()._budget_after_epoch(1, 1.0, 1.0, full=True) is False
     assert run._budget_after_epoch(10, 1.0, 1.0, full=False)
 
 

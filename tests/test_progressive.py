@@ -4,8 +4,6 @@ and a run whose early epochs train small while validation and the checkpoint sta
 from __future__ import annotations
 
 import csv
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn as nn
@@ -73,23 +71,6 @@ def test_train_one_epoch_feeds_the_model_images_of_the_step_size():
         assert set(seen) == {want} and len(seen) == 3 and out["batches"] == 3
 
 
-def _budget_run(epochs: int, small: int):
-    """A Run with just what the budget fit needs (as in test_engine): 1 warm-up epoch, cosine, a 60 s budget, 224 px."""
-    from cxrlab.config import TrainConfig
-    from cxrlab.engine import DistInfo
-    from cxrlab.train import Run
-    from cxrlab.training_setup import build_scheduler
-
-    run = Run.__new__(Run)
-    run.cfg = TrainConfig(data="x", epochs=epochs, warmup_epochs=1, scheduler="cosine", time_budget_min=1.0, lr=0.1,
-                          progressive_size=small)
-    run.dist, run.pre = DistInfo(), SimpleNamespace(img_size=224)
-    run.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    run.scheduler = build_scheduler(run.optimizer, run.cfg)
-    run.full_epochs, run.cut_short, run.eval_s, run.planned_end, run.full_size_seen = [], False, None, None, False
-    return run
-
-
 def _simulate(run, full_s: float = 10.0, overhead: float = 1.0) -> list[int]:
     """The loop's budget bookkeeping with epochs that cost `full_s` x the pixel ratio x `overhead` (a small epoch's
     fixed costs do not shrink); returns the sizes of the epochs that ran."""
@@ -108,17 +89,17 @@ def _simulate(run, full_s: float = 10.0, overhead: float = 1.0) -> list[int]:
     return sizes
 
 
-def test_the_time_budget_fits_more_epochs_with_progressive_resizing_and_ends_at_the_full_size():
-    plain = _simulate(_budget_run(20, 0))
+def test_the_time_budget_fits_more_epochs_with_progressive_resizing_and_ends_at_the_full_size(budget_run):
+    plain = _simulate(budget_run(20))
     assert plain == [224] * 6  # 60 s of 10 s epochs
-    run = _budget_run(20, 112)  # a 112 px epoch costs a quarter of a 224 px one
+    run = budget_run(20, progressive_size=112)  # a 112 px epoch costs a quarter of a 224 px one
     sizes = _simulate(run)
     # after epoch 1 (2.5 s): 57.5 s = 5.75 epochs left; ending at 9 puts 2-4 at 112 px and 5-9 at 224 px (5.75)
     assert sizes == [112] * 4 + [224] * 5
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # annealed where the budget ends
     # small epochs that cost more than the pixel ratio (fixed costs) make the first estimates pessimistic; the
     # full-size epochs then set the pace, more epochs fit, and training never goes back to the small size
-    slow = _simulate(_budget_run(20, 112), overhead=1.6)
+    slow = _simulate(budget_run(20, progressive_size=112), overhead=1.6)
     assert slow[0] == 112 and slow[-1] == 224 and slow == sorted(slow) and len(slow) > len(plain)
 
 
