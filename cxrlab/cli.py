@@ -28,10 +28,12 @@ COMMANDS = {
     "history": "list recent predictions from the service log",
     "ensemble": "build a probability-averaging ensemble checkpoint",
     "compare": "train and evaluate several models, write a leaderboard",
+    "doctor": "what this machine means for training speed: precision, allocator, threads, GPUs, packages; "
+              "--measure times it",
 }
 
 _ALLOC_VARS = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
-_HEAVY = {"train", "calibrate", "adapt", "stress", "evaluate", "predict", "explain", "export", "serve", "demo", "compare"}
+_HEAVY = {"train", "calibrate", "adapt", "stress", "evaluate", "predict", "explain", "export", "serve", "demo", "compare", "doctor"}
 
 
 def _maybe_reexec_with_allocator(argv: list[str]) -> None:

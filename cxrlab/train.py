@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from cxrlab.config import TrainConfig, save_yaml
-from cxrlab.data.augment import AugmentConfig
 from cxrlab.data.dataset import DataIndex, build_index
 from cxrlab.data.preprocess import Preprocess
 from cxrlab.engine import (ArrayData, EarlyStopping, InputSpec, StepConfig, Timer, average_buffers,
@@ -33,7 +32,7 @@ from cxrlab.engine import (ArrayData, EarlyStopping, InputSpec, StepConfig, Time
 from cxrlab.errors import CxrlabError
 from cxrlab.progressive import cost_fraction, epoch_size, more_epochs_that_fit
 from cxrlab.training_setup import (AUTO_FREEZE_BELOW_EPOCHS, AUTO_FREEZE_STRIDE, FORWARD_COST, PROBE_MAX_IMAGES,
-                                   build_criterion, build_optimizer, build_scheduler, epochs_that_fit, freeze_stages,
+                                   augment_config, build_criterion, build_optimizer, build_scheduler, epochs_that_fit, freeze_stages,
                                    high_resolution_stages, init_distributed, measure_step_seconds, resolve_device,
                                    set_backbone_frozen, setup_model)
 
@@ -235,12 +234,6 @@ class Run:
         finally:
             self.model.train(was_training)
 
-    def _augment_config(self, class_blur: tuple = ()) -> AugmentConfig:
-        cfg = self.cfg
-        return AugmentConfig(cfg.aug_flip, cfg.aug_rotation, cfg.aug_translate, cfg.aug_crop_scale_min,
-                             cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise, cfg.aug_blur,
-                             cfg.aug_crop_scale_max, class_blur, cfg.aug_frame)
-
     @property
     def _micro(self) -> int:
         """Images per process per step (the global batch split over processes and accumulation steps)."""
@@ -270,7 +263,7 @@ class Run:
             return 0
         train, world = self.splits["train"].arrays, self.dist.world
         micro = self._micro
-        step = StepConfig(micro, cfg.seed, 0, len(self.index.class_names), self._augment_config(), cfg.sampler,
+        step = StepConfig(micro, cfg.seed, 0, len(self.index.class_names), augment_config(cfg), cfg.sampler,
                           cfg.mixup, cfg.cutmix, self.amp, 1, False, cfg.consistency)
         step_s = self._rank0_value(measure_step_seconds(self.model, train, self.criterion, self.spec, step, self.device,
                                                         cfg))
@@ -448,7 +441,7 @@ class Run:
 
     def loop(self) -> None:
         cfg, t = self.cfg, Timer()
-        self.augment = self._augment_config(self._class_blur())
+        self.augment = augment_config(self.cfg, self._class_blur())
         if self.dist.main:
             _write_history(self.out / "history.csv", self.history)
         t.t0 -= self.pre_loop_s  # the budget's clock started before the loop

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from cxrlab.config import TrainConfig
+from cxrlab.data.augment import AugmentConfig
 from cxrlab.data.preprocess import Preprocess
 from cxrlab.engine import DistInfo, FocalLoss, InputSpec, keep_depthwise_fp32, soft_cross_entropy
 from cxrlab.errors import CxrlabError
@@ -201,6 +202,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return None
 
 
+def augment_config(cfg: TrainConfig, class_blur: tuple = ()) -> AugmentConfig:
+    """The run's augmentation strengths (`class_blur`: --aug-blur-match's extra blur per class)."""
+    return AugmentConfig(cfg.aug_flip, cfg.aug_rotation, cfg.aug_translate, cfg.aug_crop_scale_min,
+                         cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma, cfg.aug_noise, cfg.aug_blur,
+                         cfg.aug_crop_scale_max, class_blur, cfg.aug_frame)
+
+
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Reference design 2's weights from class frequencies: n / (classes * n_c)."""
     counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
@@ -316,9 +324,10 @@ def high_resolution_stages(model: nn.Module, img_size: int, in_chans: int, strid
 
 
 def measure_step_seconds(model: nn.Module, data, criterion: nn.Module, spec: InputSpec, step, device: torch.device,
-                         cfg: TrainConfig, steps: int = 4) -> float:
-    """Seconds per training step of the whole network (augmentation, forward, backward, optimiser) at
-    `step.batch_size` images, timed on a throwaway copy after one warm-up step: the model is untouched.
+                         cfg: TrainConfig, steps: int = 4, fixed_stages: int = 0) -> float:
+    """Seconds per training step (augmentation, forward, backward, optimiser) at `step.batch_size` images, of
+    the whole network or with its stem and first `fixed_stages` stages fixed, timed on a throwaway copy after
+    one warm-up step: the model is untouched.
     The median step counts (`typical_step_seconds`): single steps on a shared 2-core CPU vary by 15%.
 
     Args:
@@ -330,6 +339,7 @@ def measure_step_seconds(model: nn.Module, data, criterion: nn.Module, spec: Inp
         device: where to compute.
         cfg: for the optimiser.
         steps: timed steps after the warm-up.
+        fixed_stages: stages kept fixed on the copy, as `freeze_stages` does (0: every layer trains).
     """
     import copy
     import time
@@ -339,6 +349,7 @@ def measure_step_seconds(model: nn.Module, data, criterion: nn.Module, spec: Inp
     clone = copy.deepcopy(model)
     for p in clone.parameters():
         p.requires_grad_(True)
+    freeze_stages(clone, fixed_stages, cfg.model)
     n = min(len(data), (steps + 1) * step.batch_size)
     stamps: list[float] = []
     train_one_epoch(clone, ArrayData(data.images[:n], data.labels[:n]), build_optimizer(clone, cfg), criterion, spec,
