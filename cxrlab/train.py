@@ -32,9 +32,9 @@ from cxrlab.engine import (ArrayData, EarlyStopping, InputSpec, StepConfig, Time
 from cxrlab.errors import CxrlabError
 from cxrlab.progressive import cost_fraction, epoch_size, more_epochs_that_fit
 from cxrlab.training_setup import (AUTO_FREEZE_BELOW_EPOCHS, AUTO_FREEZE_STRIDE, FORWARD_COST, PROBE_MAX_IMAGES,
-                                   augment_config, build_criterion, build_optimizer, build_scheduler, epochs_that_fit, freeze_stages,
-                                   high_resolution_stages, init_distributed, measure_step_seconds, resolve_device,
-                                   set_backbone_frozen, setup_model)
+                                   augment_config, build_criterion, build_optimizer, build_scheduler, epochs_that_fit,
+                                   freeze_stages, high_resolution_stages, init_distributed, measure_step_seconds,
+                                   resolve_device, set_backbone_frozen, setup_model)
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def test_training_precision_follows_native_bf16_and_cuda():
     assert doctor.training_precision(False, False)[0] == "fp32"
     assert "falls back to fp32" in doctor.training_precision(False, False)[1]
     assert doctor.training_precision(True, False)[0] == "bf16"
-    assert doctor.training_precision(False, True)[0] == "fp16"
+    assert doctor.training_precision(False, True)[0] == "bf16"  # CUDA: the recipe's --amp bf16 is not refused there
 
 
 def test_report_says_when_the_allocator_thresholds_are_missing(monkeypatch):
@@ -53,7 +53,7 @@ def test_report_says_when_the_allocator_thresholds_are_missing(monkeypatch):
         assert "NOT set" in text and "MALLOC_TRIM_THRESHOLD_=17179869184" in text
     assert "NOT set" not in "\n".join(doctor.format_report(with_vars))
     assert without["cpu"]["cores"] >= 1 and without["cpu"]["torch_threads"] == torch.get_num_threads()
-    assert without["training_precision"] in ("fp32", "bf16", "fp16")
+    assert without["training_precision"] in ("fp32", "bf16")
 
 
 def test_a_missing_optional_package_is_named_with_its_install_command(monkeypatch):
