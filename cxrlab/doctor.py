@@ -188,7 +188,8 @@ def _timing_setup(model: str, img_size: int | None, batch_size: int, device: str
     dev = resolve_device(device, DistInfo())
     pre = resolve_preprocess(cfg)
     net, spec, _ = setup_model(cfg, 2, pre, dev)
-    amp = "bf16" if dev.type == "cuda" or (dev.type == "cpu" and cpu_has_native_bf16()) else "off"
+    precision, _ = training_precision(dev.type == "cpu" and cpu_has_native_bf16(), dev.type == "cuda")
+    amp = "bf16" if precision == "bf16" else "off"  # what report() says the recipe trains in here
     n = (steps + 1) * batch_size
     data = ArrayData(torch.randint(0, 256, (n, pre.img_size, pre.img_size), dtype=torch.uint8), torch.arange(n) % 2)
     step = StepConfig(batch_size, 0, 0, 2, augment_config(cfg), amp=amp, progress=False)

@@ -172,9 +172,6 @@ class Run:
 
     def setup(self) -> None:
         cfg = self.cfg
-        if cfg.progressive_size and cfg.progressive_size >= self.pre.img_size:
-            raise CxrlabError(f"--progressive-size {cfg.progressive_size} must be smaller than the training size "
-                              f"({self.pre.img_size} px, --img-size): e.g. --progressive-size {self.pre.img_size * 5 // 7}")
         names = self.index.class_names
         torch.manual_seed(cfg.seed)  # same initial weights for a given seed, whatever the world size
         self.model, self.spec, self.model_kwargs = setup_model(cfg, len(names), self.pre, self.device)
@@ -216,11 +213,15 @@ class Run:
             self.train_model = torch.compile(self.train_model)
 
     def _check_progressive_size(self) -> None:
-        """--progressive-size needs a model that takes any input size (global pooling): one forward pass at that size
-        in eval mode (BatchNorm statistics untouched) tells, before any time is spent."""
+        """--progressive-size must be below --img-size, and needs a model that takes any input size (global
+        pooling): one forward pass at that size in eval mode (BatchNorm statistics untouched) tells, before any
+        time is spent."""
         size = self.cfg.progressive_size
         if not size:
             return
+        if size >= self.pre.img_size:
+            raise CxrlabError(f"--progressive-size {size} must be smaller than the training size "
+                              f"({self.pre.img_size} px, --img-size): e.g. --progressive-size {self.pre.img_size * 5 // 7}")
         x = torch.zeros(1, self.spec.in_chans, size, size, device=self.device)
         was_training = self.model.training
         self.model.eval()
