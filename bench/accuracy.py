@@ -27,45 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+from cxrlab.recipes import RECIPES, recipe_settings
+
 # Kermany file names: person1000_bacteria_2931, IM-0115-0001, NORMAL2-IM-1427-0001 -> the patient
 PATIENT_REGEX = r"^(?:[a-z0-9_]+__)?(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 
-RECIPES = {
-    # Pretrained EfficientNet-Lite0 fine-tuned with what tends to generalise across sites: histogram
-    # equalisation, strong photometric augmentation, random blur (sites and resizing differ in sharpness),
-    # class weights, label smoothing, a gentler learning rate for the pretrained backbone, bf16 autocast on
-    # CPUs with native bf16 (depthwise layers stay fp32; fp32 on CPUs without it, where bf16 would be
-    # emulated and 6x slower), an EMA of the weights, and a cosine schedule that the time budget
-    # shortens to the epochs that fit. The head starts as a linear probe on the pretrained features (LP-FT),
-    # so the first steps do not distort them (docs/BENCHMARKS.md: three-seed mean 0.936 / 0.977 against 0.925 /
-    # 0.968 on the Kermany test, TB recall 0.978 -> 0.989 on cxr3, fewer flips under cxrlab stress).
-    # best.pt is the final epoch (select="last"), where the cosine schedule has annealed: the validation
-    # carve (785 Kermany images) is too small to rank epochs, and its loss picked early, worse epochs
-    # (Kermany test, five seeds: 0.936-0.949 / AUC 0.979-0.980 with the final epoch; 0.925-0.946 / 0.974-0.979
-    # for seeds 0-2 with the loss).
-    # auto_freeze: on a machine where fewer than 10 epochs of the whole network fit the budget (a 2-core CPU
-    # without native bf16: 3-4; a Xeon whose bf16 is no faster than fp32: 7), the stem and the stages down to
-    # 1/8 of the input stay fixed and 1.6-2x as many, cheaper epochs fit (docs/BENCHMARKS.md, "Auto-freeze");
-    # where bf16 is fast (15-16 Kermany epochs) or on a GPU every layer trains.
-    # val_every=0: with select="last" and no early stopping nothing between the first and the final epoch is
-    # chosen, so only the final epoch is validated (for the temperature and the operating points); the per-epoch
-    # validations only drew the history curve, and their time trains instead: one or two more epochs in 30 minutes
-    # on 2-core CPUs, the same training otherwise (docs/BENCHMARKS.md, "Validation only at the end": paired seeds).
-    "recommended": dict(model="efficientnet_lite0", pretrained=True, head_init="probe", img_size=224, equalize=True,
-                        epochs=30, ema=0.998,
-                        batch_size=32, optimizer="adamw", lr=1e-3, weight_decay=1e-2, backbone_lr_mult=0.3,
-                        warmup_epochs=1, scheduler="cosine", label_smoothing=0.1, class_weights=True,
-                        aug_rotation=10.0, aug_translate=0.06, aug_crop_scale_min=0.75, aug_brightness=0.3,
-                        aug_contrast=0.3, aug_gamma=0.3, aug_noise=0.02, aug_blur=1.5, early_stop=0, monitor="val_loss",
-                        select="last", val_every=0, amp="bf16", auto_freeze=True),
-    # The two reference designs with their own defaults (design 1: Adam 1e-3, plateau, 224 px;
-    # design 2: class weights, best by validation AUC).
-    # Both in bf16 autocast on CPU (design 1 asks for mixed precision; about 2x faster on CPUs with native
-    # bf16; fp32 on CPUs without it).
-    "chestxray_cnn": dict(model="chestxray_cnn", img_size=224, epochs=50, batch_size=32, early_stop=10, amp="bf16"),
-    "custom_cnn": dict(model="custom_cnn", img_size=224, epochs=50, batch_size=32, class_weights=True,
-                       monitor="val_auc", early_stop=10, amp="bf16"),
-}
+# The recipes live in cxrlab/recipes.py (`cxrlab train --recipe NAME` uses the same settings): "recommended",
+# and the two reference designs "chestxray_cnn" and "custom_cnn" with their own defaults.
 
 
 def _reexec_with_allocator() -> None:
@@ -149,7 +117,7 @@ def main() -> int:
         cfg = TrainConfig.from_dict(load_yaml(first if first.is_file() else Path(args.out) / "member0" / "config.yaml"))
         print(json.dumps(stress_run(cfg, Path(args.out)), indent=2))
         return 0
-    recipe = dict(RECIPES[args.recipe])
+    recipe = {**recipe_settings(args.recipe), "recipe": args.recipe}
     if args.epochs:
         recipe["epochs"] = args.epochs
     if args.img_size:
@@ -172,21 +140,10 @@ def main() -> int:
 def run_one(args, data: Path, recipe: dict, seed: int, out: Path) -> dict:
     """Train, select on validation and test one seed within the budget (`--members K`: K models, averaged);
     writes out/bench_summary.json."""
-    from cxrlab.config import TrainConfig
-
     t0 = time.perf_counter()
-    manifest = data / "manifest.csv"
     k = max(1, args.members)
     parallel = min(max(1, args.parallel), k)
-    rounds = -(-k // parallel)  # members trained one after another in each process
-    # decode, calibration, test evaluation and report; with K members also K-1 more of those and the ensemble's
-    # (members side by side do theirs at the same time, but share the machine while they do)
-    margin = 2.5 + 0.05 * args.budget_min + 1.0 * (rounds - 1) + 0.25 * (k - rounds)
-    member_budget = max(1.0, (args.budget_min - margin) / rounds)
-    cfgs = [TrainConfig(data=str(data), manifest=str(manifest) if manifest.is_file() else None,
-                        out=str(out if k == 1 else out / f"member{i}"), seed=seed + 1000 * i, split_seed=seed,
-                        group_regex=PATIENT_REGEX, val_fraction=0.15, time_budget_min=member_budget, **recipe)
-            for i in range(k)]
+    cfgs = member_configs(data, recipe, seed, out, args.budget_min, k, parallel)
     results = train_members(cfgs, parallel)
     if k > 1:
         ensemble_members(cfgs, out)
@@ -209,6 +166,25 @@ def run_one(args, data: Path, recipe: dict, seed: int, out: Path) -> dict:
         summary["stress"] = stress_run(cfg, out)
     (out / "bench_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def member_configs(data: Path, recipe: dict, seed: int, out: Path, budget_min: float, members: int = 1,
+                   parallel: int = 1) -> list:
+    """The TrainConfig of each member of one run: the recipe, the data's manifest when it has one, a validation carve
+    grouped by Kermany patient with seed `seed`, member i seeded seed + 1000 i, and the share of `budget_min` left
+    for training after the run's fixed costs."""
+    from cxrlab.config import TrainConfig
+
+    manifest = data / "manifest.csv"
+    rounds = -(-members // parallel)  # members trained one after another in each process
+    # decode, calibration, test evaluation and report; with K members also K-1 more of those and the ensemble's
+    # (members side by side do theirs at the same time, but share the machine while they do)
+    margin = 2.5 + 0.05 * budget_min + 1.0 * (rounds - 1) + 0.25 * (members - rounds)
+    member_budget = max(1.0, (budget_min - margin) / rounds)
+    return [TrainConfig(data=str(data), manifest=str(manifest) if manifest.is_file() else None,
+                        out=str(out if members == 1 else out / f"member{i}"), seed=seed + 1000 * i, split_seed=seed,
+                        group_regex=PATIENT_REGEX, val_fraction=0.15, time_budget_min=member_budget, **recipe)
+            for i in range(members)]
 
 
 def train_members(cfgs: list, parallel: int) -> list[dict]:

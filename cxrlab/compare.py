@@ -34,7 +34,8 @@ def leaderboard_columns(class_names: list[str]) -> list[str]:
 
 
 def compare_models(data: str | Path, models: list[str], out: str | Path, *, budget_min: float | None = None,
-                   epochs: int = 10, img_size: int | None = None, batch_size: int = 32, base: dict | None = None,
+                   epochs: int | None = None, img_size: int | None = None, batch_size: int | None = None,
+                   base: dict | None = None,
                    progress: bool = True) -> list[dict]:
     """Train and evaluate each model, then write the leaderboard and the ROC comparison.
 
@@ -43,10 +44,11 @@ def compare_models(data: str | Path, models: list[str], out: str | Path, *, budg
         models: registered model names.
         out: output folder; each model trains into `out/<model>`.
         budget_min: training time budget per model in minutes (None: no budget).
-        epochs: maximum epochs per model.
-        img_size: input size for every model (None: each model's own default).
-        batch_size: training batch size.
-        base: further `TrainConfig` keys applied to every model (e.g. {"pretrained": True, "lr": 3e-4});
+        epochs: maximum epochs per model (None: the recipe's, else 10).
+        img_size: input size for every model (None: the recipe's, else each model's own default).
+        batch_size: training batch size (None: the recipe's, else 32).
+        base: further `TrainConfig` keys applied to every model (e.g. {"pretrained": True, "lr": 3e-4}), with a
+            `recipe` beneath them (e.g. {"recipe": "recommended"}; the model is each of `models`);
             `pretrained` is only passed to models that have pretrained weights.
         progress: progress bars while training.
 
@@ -90,9 +92,12 @@ def _num(v) -> float:
 def _train_config(name, data, out, budget_min, epochs, img_size, batch_size, base):
     from cxrlab.config import TrainConfig
     from cxrlab.models import model_spec
+    from cxrlab.recipes import with_recipe
 
-    d = {**base, "data": str(data), "out": str(out / name), "model": name, "epochs": int(epochs),
-         "img_size": img_size, "batch_size": int(batch_size), "time_budget_min": budget_min}
+    given = {"epochs": epochs, "img_size": img_size, "batch_size": batch_size, "time_budget_min": budget_min}
+    d = with_recipe({**base, "data": str(data), "out": str(out / name), "model": name,
+                     **{k: v for k, v in given.items() if v is not None}})
+    d = {"epochs": 10, "batch_size": 32, **d}
     if d.get("pretrained") and not model_spec(name).pretrained_tag:
         log.info("compare: %s has no pretrained weights; training it from scratch", name)
         d["pretrained"] = False

@@ -13,7 +13,9 @@ from cxrlab.errors import CxrlabError
 class TrainConfig:
     """Everything that defines a training run. Defaults follow reference design 1.
 
-    Attributes are documented in `cxrlab train --help`; the notable groups are data (`data`,
+    Attributes are documented in `cxrlab train --help`. `recipe` names the settings (cxrlab.recipes) that the
+    CLI laid beneath the config file and options (`cxrlab.recipes.with_recipe`); here it only records them. The
+    notable groups are data (`data`,
     `manifest`, `val_fraction`, `group_regex`), model (`model`, `pretrained`, `weights`), optimisation
     (`lr`, `weight_decay`, `epochs`, `batch_size`, `monitor`, `select`, `patience`, `early_stop`), imbalance
     (`class_weights`, `loss`, `sampler`), regularisation (`mixup`, `cutmix`, `label_smoothing`,
@@ -24,6 +26,7 @@ class TrainConfig:
     data: str = ""
     out: str = "runs/run"
     manifest: str | None = None
+    recipe: str | None = None
     model: str = "resnet18"
     model_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
@@ -104,7 +107,11 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; returns self."""
+        from cxrlab.recipes import RECIPES
+
         checks = [
+            (self.recipe is None or self.recipe in RECIPES,
+             f"unknown recipe '{self.recipe}'. Valid recipes: {', '.join(sorted(RECIPES))}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),

@@ -178,9 +178,10 @@ class Run:
         self._check_progressive_size()
         n_params = sum(p.numel() for p in self.model.parameters())
         self.amp = resolve_amp(cfg.amp, self.device)  # the precision used: a CPU without native bf16 trains in fp32
-        log.info("model %s: %.2fM parameters, input %d px x %d channel(s), device %s, %s, world size %d",
+        log.info("model %s: %.2fM parameters, input %d px x %d channel(s), device %s, %s, world size %d%s",
                  cfg.model, n_params / 1e6, self.pre.img_size, self.spec.in_chans, self.device,
-                 {"off": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[self.amp], self.dist.world)
+                 {"off": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[self.amp], self.dist.world,
+                 f"; recipe {cfg.recipe} (every setting in config.yaml)" if cfg.recipe else "")
         self.criterion = build_criterion(cfg, self.splits["train"].arrays.labels, len(names), self.device)
         resumed = self._resume_checkpoint() if self.resume else None
         self.pre_loop_s = 0.0  # budget time spent before the loop (--auto-freeze's measurement)

@@ -13,9 +13,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated model names (default {DEFAULT_MODELS})")
     p.add_argument("--out", required=True, help="output folder: one run folder per model, leaderboard.csv/.md, roc_compare.png")
     p.add_argument("--budget-min", type=float, help="training time budget per model, minutes")
-    p.add_argument("--epochs", type=int, default=10, help="maximum epochs per model (default 10)")
-    p.add_argument("--img-size", type=int, help="input size for every model (default: each model's own)")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
+    p.add_argument("--recipe", help="train every model with this recipe's settings (`cxrlab train --list-recipes`); "
+                                     "the options here and --config override them, --models picks the architectures")
+    p.add_argument("--epochs", type=int, help="maximum epochs per model (default: the recipe's, else 10)")
+    p.add_argument("--img-size", type=int, help="input size for every model (default: the recipe's, else each model's own)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default: the recipe's, else 32)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="start from ImageNet weights, for the models that have them")
     p.add_argument("--lr", type=float, help="learning rate for every model")
@@ -33,14 +35,15 @@ def run(args) -> int:
     from cxrlab.commands.train import parse_target_recall
     from cxrlab.compare import compare_models
     from cxrlab.config import TrainConfig, load_yaml
+    from cxrlab.recipes import with_recipe
 
     base = load_yaml(args.config) if args.config else {}
-    for key in ("manifest", "pretrained", "lr", "seed", "device", "cache", "report"):
+    for key in ("manifest", "recipe", "pretrained", "lr", "seed", "device", "cache", "report"):
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
     if args.target_recall:
         base["target_recall"] = parse_target_recall(args.target_recall)
-    TrainConfig.from_dict(dict(base))  # unknown config keys fail before any training
+    TrainConfig.from_dict(with_recipe(base))  # unknown config keys and recipes fail before any training
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows = compare_models(args.data, models, args.out, budget_min=args.budget_min, epochs=args.epochs,
                           img_size=args.img_size, batch_size=args.batch_size, base=base, progress=not args.quiet)

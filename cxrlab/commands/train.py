@@ -18,6 +18,9 @@ HELP = {
     "data": "data folder (ROOT/{train,val,test}/<CLASS>/* or ROOT/<CLASS>/*) or a CSV manifest",
     "out": "run folder to write (config.yaml, history.csv, best.pt, last.pt, metrics, plots)",
     "manifest": "CSV manifest path,label[,split][,group][,source]",
+    "recipe": "start from a named set of settings that the config file and options then override: recommended "
+              "(the benchmarks' pretrained EfficientNet-Lite0 recipe; give --time-budget-min), chestxray_cnn, "
+              "custom_cnn (see `cxrlab train --list-recipes`)",
     "model": "architecture (see `cxrlab train --list-models`)",
     "pretrained": "start from ImageNet weights (hub; needs internet or a warm cache)",
     "weights": "start from a local weights file (offline machines)",
@@ -117,6 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun (DistributedDataParallel)")
     p.add_argument("--list-models", action="store_true", help="list the registered models and exit")
+    p.add_argument("--list-recipes", action="store_true", help="list the recipes (--recipe) with their settings and exit")
 
 
 def parse_target_recall(items: list[str]) -> dict[str, float]:
@@ -154,9 +158,10 @@ def parse_model_args(items: list[str]) -> dict:
 
 
 def config_from_args(args) -> TrainConfig:
-    """Merge: defaults < --config file < command-line options."""
+    """Merge: defaults < --recipe (from the options or the config file) < --config file < command-line options."""
     from cxrlab.config import TrainConfig, load_yaml
     from cxrlab.errors import CxrlabError
+    from cxrlab.recipes import with_recipe
 
     d = load_yaml(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
@@ -168,7 +173,7 @@ def config_from_args(args) -> TrainConfig:
     d["model_kwargs"] = {**(d.get("model_kwargs") or {}), **parse_model_args(args.model_arg)}
     if not d.get("data"):
         raise CxrlabError("--data is required (a folder or a manifest CSV)")
-    return TrainConfig.from_dict(d).validate()
+    return TrainConfig.from_dict(with_recipe(d)).validate()
 
 
 def _launch_torchrun(args) -> int:
@@ -194,6 +199,11 @@ def _launch_torchrun(args) -> int:
 
 
 def run(args) -> int:
+    if args.list_recipes:
+        from cxrlab.recipes import format_recipes
+
+        print(format_recipes())
+        return 0
     if args.list_models:
         from cxrlab.models import list_models, model_spec
 
