@@ -289,8 +289,8 @@ def advice(r: dict) -> list[str]:
                    "starts")
     if r["training_precision"] == "fp32" and not r["gpus"]:
         out.append("no native bf16 and no GPU: training runs in fp32 at about a third of a bf16 CPU's epochs a minute; "
-                   "for the same epochs give it about 3x the time (--time-budget-min 90 where 30 fit there) and keep "
-                   "--auto-freeze on")
+                   "for the same epochs give it about 3x the time (cxrlab train --recipe recommended --time-budget-min 90 "
+                   "where 30 fit there; the recipe keeps --auto-freeze on)")
     if r["cache"]["free_bytes"] < LOW_CACHE_DISK:
         out.append(f"only {_gib(r['cache']['free_bytes'])} free under the decode cache: point CXRLAB_CACHE at a "
                    "bigger disk (or train with --no-cache)")

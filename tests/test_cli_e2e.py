@@ -137,6 +137,30 @@ def test_resume_equals_uninterrupted(synth_dir, tmp_path, ema):
             assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
 
 
+def test_resume_needs_only_the_run_folder(synth_dir, tmp_path, capsys):
+    """`cxrlab train --resume --out RUN` takes every setting from RUN/config.yaml; options given with it override them,
+    and the checks against last.pt still refuse a changed architecture."""
+    import yaml
+
+    from cxrlab.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(synth_dir), "--model", "custom_cnn", "--img-size", "48", "--batch-size", "16",
+                 "--lr", "0.003", "--epochs", "1", "--seed", "5", "--out", str(run), "--no-report", "--no-cache",
+                 "--workers", "0", "--quiet"]) == 0
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    saved = yaml.safe_load(open(run / "config.yaml"))
+    assert (saved["model"], saved["lr"], saved["epochs"], saved["img_size"], saved["seed"], saved["report"]) == \
+        ("custom_cnn", 0.003, 2, 48, 5, False)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "3", "--model", "small_cnn", "--quiet"]) == 2
+    assert "--resume: model was 'custom_cnn'" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "has no config.yaml (nothing to resume there)" in capsys.readouterr().err
+
+
 def test_time_budget_cuts_an_epoch_that_would_overrun(synth_dir, tmp_path):
     """A budget shorter than one epoch ends that epoch early, then validates, saves and evaluates."""
     from cxrlab.checkpoint import load_checkpoint

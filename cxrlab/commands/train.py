@@ -117,7 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="architecture argument passed to the model's constructor, e.g. drop_path_rate=0.1 or "
                         "drop_rate=0.2 for timm models (repeatable; stored in the checkpoint)")
     p.add_argument("--config", help="YAML file of TrainConfig keys (command-line options override it)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last.pt, with the settings of its config.yaml (options given "
+                        "now override them, e.g. --epochs to train longer)")
     p.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun (DistributedDataParallel)")
     p.add_argument("--list-models", action="store_true", help="list the registered models and exit")
     p.add_argument("--list-recipes", action="store_true", help="list the recipes (--recipe) with their settings and exit")
@@ -157,13 +159,36 @@ def parse_model_args(items: list[str]) -> dict:
     return out
 
 
-def config_from_args(args) -> TrainConfig:
-    """Merge: defaults < --recipe (from the options or the config file) < --config file < command-line options."""
+def _base_settings(args) -> dict:
+    """The --config file's keys; on --resume without --config, the run folder's own config.yaml (every setting of the
+    run, so `cxrlab train --resume --out RUN` is enough; options given with it still override)."""
+    from pathlib import Path
+
     from cxrlab.config import TrainConfig, load_yaml
+    from cxrlab.errors import CxrlabError
+
+    if args.config:
+        return load_yaml(args.config)
+    if not getattr(args, "resume", False):
+        return {}
+    saved = Path(args.out or TrainConfig.out) / "config.yaml"
+    if saved.is_file():
+        log.info("--resume: settings from %s (options given now override them)", saved)
+        return load_yaml(saved)
+    if not args.data:
+        raise CxrlabError(f"--resume: '{saved.parent}' has no config.yaml (nothing to resume there); give the run "
+                          "folder as --out, or start a new run without --resume")
+    return {}
+
+
+def config_from_args(args) -> TrainConfig:
+    """Merge: defaults < --recipe (from the options or the config file) < --config file (on --resume without
+    --config: the run's config.yaml) < command-line options."""
+    from cxrlab.config import TrainConfig
     from cxrlab.errors import CxrlabError
     from cxrlab.recipes import with_recipe
 
-    d = load_yaml(args.config) if args.config else {}
+    d = _base_settings(args)
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if f.name not in SKIP and v is not None:
