@@ -107,11 +107,11 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; returns self."""
-        from cxrlab.recipes import RECIPES
+        if self.recipe is not None:
+            from cxrlab.recipes import recipe_settings
 
+            recipe_settings(self.recipe)  # an unknown name: the error that lists the valid ones
         checks = [
-            (self.recipe is None or self.recipe in RECIPES,
-             f"unknown recipe '{self.recipe}'. Valid recipes: {', '.join(sorted(RECIPES))}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),

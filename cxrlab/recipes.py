@@ -81,6 +81,8 @@ def with_recipe(d: dict) -> dict:
     Returns:
         A new dict: the recipe's settings updated with `d`.
     """
+    from cxrlab.config import TrainConfig
+
     name = d.get("recipe")
     if not name:
         return dict(d)
@@ -88,7 +90,7 @@ def with_recipe(d: dict) -> dict:
     if settings.get("auto_freeze") and not d.get("time_budget_min"):
         del settings["auto_freeze"]
         log.info("recipe %s without --time-budget-min: no --auto-freeze (it decides from the budget); every layer "
-                 "trains for %d epochs", name, d.get("epochs") or settings.get("epochs", 50))
+                 "trains for %d epochs", name, d.get("epochs") or settings.get("epochs", TrainConfig.epochs))
     return {**settings, **d}
 
 
