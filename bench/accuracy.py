@@ -146,6 +146,8 @@ def run_one(args, data: Path, recipe: dict, seed: int, out: Path) -> dict:
     cfgs = member_configs(data, recipe, seed, out, args.budget_min, k, parallel)
     results = train_members(cfgs, parallel)
     if k > 1:
+        from cxrlab.members import ensemble_members
+
         ensemble_members(cfgs, out)
     wall = time.perf_counter() - t0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -171,116 +173,28 @@ def run_one(args, data: Path, recipe: dict, seed: int, out: Path) -> dict:
 def member_configs(data: Path, recipe: dict, seed: int, out: Path, budget_min: float, members: int = 1,
                    parallel: int = 1) -> list:
     """The TrainConfig of each member of one run: the recipe, the data's manifest when it has one, a validation carve
-    grouped by Kermany patient with seed `seed`, member i seeded seed + 1000 i, and the share of `budget_min` left
-    for training after the run's fixed costs."""
+    grouped by Kermany patient with seed `seed`, member i seeded seed + 1000 i (cxrlab.members, as `cxrlab train
+    --members K` does), and the share of `budget_min` left for training after the run's fixed costs."""
     from cxrlab.config import TrainConfig
+    from cxrlab.members import member_configs as split_members
 
     manifest = data / "manifest.csv"
     rounds = -(-members // parallel)  # members trained one after another in each process
     # decode, calibration, test evaluation and report; with K members also K-1 more of those and the ensemble's
     # (members side by side do theirs at the same time, but share the machine while they do)
     margin = 2.5 + 0.05 * budget_min + 1.0 * (rounds - 1) + 0.25 * (members - rounds)
-    member_budget = max(1.0, (budget_min - margin) / rounds)
-    return [TrainConfig(data=str(data), manifest=str(manifest) if manifest.is_file() else None,
-                        out=str(out if members == 1 else out / f"member{i}"), seed=seed + 1000 * i, split_seed=seed,
-                        group_regex=PATIENT_REGEX, val_fraction=0.15, time_budget_min=member_budget, **recipe)
-            for i in range(members)]
+    base = TrainConfig(data=str(data), manifest=str(manifest) if manifest.is_file() else None, out=str(out), seed=seed,
+                       split_seed=seed, group_regex=PATIENT_REGEX, val_fraction=0.15,
+                       time_budget_min=max(1.0, (budget_min - margin) / rounds) * rounds, **recipe)
+    return [base] if members == 1 else split_members(base, members, parallel)
 
 
 def train_members(cfgs: list, parallel: int) -> list[dict]:
-    """`fit` each config; with parallel > 1 in that many spawned processes at once (images decoded into the
-    cache once beforehand, CPU threads split between the processes, worker w on GPU w mod N when there are
-    N > 1 GPUs and the device is auto). Returns the fit results in the order of `cfgs`; a member that fails stops the run."""
-    from cxrlab.train import fit
+    """`fit` each config (with parallel > 1 side by side, cxrlab.members); the results in the order of `cfgs`."""
+    from cxrlab.members import train_members as train
 
-    if parallel <= 1:
-        return [fit(cfg, progress=False) for cfg in cfgs]
-    import dataclasses
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
-
-    import torch
-
-    # the user's OMP_NUM_THREADS wins; else the cores are split between the members
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // parallel)
-    gpus = torch.cuda.device_count() if cfgs[0].device == "auto" else 0  # NVML: no CUDA context here
-    if not gpus and cfgs[0].device in ("auto", "cpu"):
-        print(f"--parallel {parallel} without a GPU: the members share this CPU's {os.cpu_count()} cores; on a 2-core CPU "
-              "they trained no faster in total than one after another (docs/BENCHMARKS.md, 'Five ensemble members "
-              "side by side on one GPU')", file=sys.stderr)
-    cfgs = [dataclasses.replace(c, workers=threads) for c in cfgs]
-    warm_cache(cfgs[0])
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_member_process,
-                             initargs=(threads, gpus, ctx.Value("i", 0))) as pool:
-        return list(pool.map(partial(fit, progress=False), cfgs))
-
-
-def warm_cache(cfg) -> None:
-    """Decode every image of the run's data once into the cache, so that members started together read it
-    instead of decoding the same files side by side."""
-    from cxrlab.data.cache import load_arrays
-    from cxrlab.train import data_index
-    from cxrlab.training_setup import resolve_preprocess
-
-    if not cfg.cache:
-        return
-    index = data_index(cfg)
-    paths = [s.path for samples in index.splits.values() for s in samples]
-    load_arrays(paths, resolve_preprocess(cfg), cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
-                workers=min(os.cpu_count() or 1, 8))
-
-
-def worker_gpu(worker: int, gpus: int, visible: str | None) -> str | None:
-    """The CUDA_VISIBLE_DEVICES of side-by-side worker `worker` (0, 1, ...): one GPU each, round robin over the
-    `gpus` visible ones (named by `visible`, the parent's CUDA_VISIBLE_DEVICES, when set); None (all, unchanged)
-    with fewer than two GPUs."""
-    if gpus < 2:
-        return None
-    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(gpus)]
-    return names[worker % min(gpus, len(names))]
-
-
-def _member_process(threads: int, gpus: int, counter) -> None:
-    with counter.get_lock():
-        worker, counter.value = counter.value, counter.value + 1
-    gpu = worker_gpu(worker, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch is imported here: this worker's cuda:0
-    import torch
-
-    from cxrlab.cli import setup_logging
-
-    torch.set_num_threads(threads)
-    setup_logging(quiet=True)  # members side by side: warnings only on the console, INFO in each train.log
-
-
-def ensemble_members(cfgs: list, out: Path) -> dict:
-    """Average the members' best.pt into out/best.pt, fit its temperature on their shared validation carve and
-    evaluate it once on the test split (out/metrics.json, the evaluate schema, per source with a manifest)."""
-    from cxrlab.checkpoint import save_checkpoint
-    from cxrlab.ensemble import build_ensemble
-    from cxrlab.evaluate import evaluate_checkpoint, label_indices
-    from cxrlab.finalize import calibrate_checkpoint
-    from cxrlab.inference import bundle_for
-    from cxrlab.train import data_index
-
-    import torch
-
-    cfg = cfgs[0]
-    device = "cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
-    ckpt = build_ensemble([Path(c.out) / "best.pt" for c in cfgs])
-    index = data_index(cfg)
-    val = index.splits["val"]
-    logits, ok, _ = bundle_for(ckpt, device).logits_for_files([s.path for s in val])
-    ckpt = calibrate_checkpoint(ckpt, logits, label_indices([val[i] for i in ok], list(ckpt["class_names"])),
-                                cfg.target_recall, cfg.calibrate)
-    ckpt["calibration_fitted_on"] = f"the members' validation carve ({len(ok)} images)"
-    save_checkpoint(ckpt, out / "best.pt")
-    has_source = any(s.source for s in index.splits.get("test", []))
-    return evaluate_checkpoint(out / "best.pt", cfg.data, out, split="test", manifest=cfg.manifest,
-                               group_by="source" if has_source else None, device=device)
+    done = dict(train(cfgs, parallel, progress=False))
+    return [done[i] for i in range(len(cfgs))]
 
 
 def stress_run(cfg, out: Path) -> dict:

@@ -121,6 +121,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its last.pt, with the settings of its config.yaml (options given "
                         "now override them, e.g. --epochs to train longer)")
     p.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun (DistributedDataParallel)")
+    p.add_argument("--members", type=int, default=None, metavar="K",
+                   help="train an ensemble: K models (seeds S, S+1000, ...) on one validation carve, each in OUT/memberI/, "
+                        "averaged into OUT/best.pt (temperature fitted on that carve) and tested once; "
+                        "--time-budget-min covers all K (one after another each gets 1/K)")
+    p.add_argument("--parallel", type=int, default=None, metavar="P",
+                   help="with --members: train P members at once in their own processes (each then gets P/K of the "
+                        "budget; for GPUs: on a 2-core CPU side by side is no faster in total); default 1")
     p.add_argument("--list-models", action="store_true", help="list the registered models and exit")
     p.add_argument("--list-recipes", action="store_true", help="list the recipes (--recipe) with their settings and exit")
 
@@ -235,12 +242,15 @@ def run(args) -> int:
         for name in list_models():
             print(f"{name:22s} {model_spec(name).description}")
         return 0
+    members, parallel = _ensemble_args(args)
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from cxrlab.training_setup import check_gpus_for_processes
 
         cfg = config_from_args(args)  # fail fast on bad options before starting processes
         check_gpus_for_processes(args.nproc, cfg.device)
         return _launch_torchrun(args)
+    if members > 1:
+        return _run_members(args, members, parallel)
     from cxrlab.train import fit
 
     cfg = config_from_args(args)
@@ -250,4 +260,40 @@ def run(args) -> int:
         if "test" in result:
             t = result["test"]
             print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  AUC {t['auc_macro']}  (n={t['n']})")
+    return 0
+
+
+def _ensemble_args(args) -> tuple[int, int]:
+    """--members / --parallel, on --resume defaulting to the ensemble folder's own record; refused with --nproc."""
+    from pathlib import Path
+
+    from cxrlab.config import TrainConfig
+    from cxrlab.errors import CxrlabError
+    from cxrlab.members import check_members, load_state
+
+    saved = load_state(Path(args.out or TrainConfig.out)) if args.resume else {}
+    members = args.members or saved.get("members") or 1
+    parallel = args.parallel or saved.get("parallel") or 1
+    if members == 1 and args.members is None:
+        if args.parallel:
+            raise CxrlabError("--parallel trains ensemble members side by side; give --members K (K > 1) as well")
+        return 1, 1
+    check_members(members, parallel)
+    if args.nproc and args.nproc > 1:
+        raise CxrlabError("--members with --nproc: train the members with --parallel P instead (one process each)")
+    return members, parallel
+
+
+def _run_members(args, members: int, parallel: int) -> int:
+    from cxrlab.members import fit_members
+
+    cfg = config_from_args(args)
+    result = fit_members(cfg, members, parallel, resume=args.resume, progress=not args.quiet and parallel == 1)
+    print(f"ensemble folder: {result['run_dir']} ({members} members)")
+    for m in result["members"]:
+        numbers = f"test accuracy {m['accuracy']:.4f}  AUC {m['auc_macro']}" if "accuracy" in m else "no test split"
+        print(f"  member {m['member']} (seed {m['seed']}): {numbers}")
+    if "test" in result:
+        t = result["test"]
+        print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  AUC {t['auc_macro']}  (n={t['n']})")
     return 0
