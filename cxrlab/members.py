@@ -75,12 +75,12 @@ def fit_members(cfg: TrainConfig, members: int, parallel: int = 1, resume: bool 
 
     out = Path(cfg.out)
     cfgs = member_configs(cfg, members, parallel)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
     state = load_state(out) if resume else {}
     if state.get("members", members) != members:
         raise CxrlabError(f"--resume: {out} holds an ensemble of {state['members']} members, not {members}; give "
                           f"--members {state['members']} or a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
     done = {r["member"]: r for r in state.get("finished", [])}
     todo = [i for i in range(members) if i not in done]
     if done:

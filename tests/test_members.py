@@ -109,8 +109,10 @@ def test_resume_keeps_finished_members_and_trains_the_rest(ensembles):
     assert all(torch.equal(t, b[n]) for n, t in a.items())
     assert json.loads((run / "metrics.json").read_text())["accuracy"] == \
         json.loads((tmp / "seq" / "metrics.json").read_text())["accuracy"]
-    r = cli(cache, "--resume", "--out", run, "--members", 3)
+    saved = (run / "config.yaml").read_text()
+    r = cli(cache, "--resume", "--out", run, "--members", 3, "--epochs", 5)
     assert r.returncode == 2 and "holds an ensemble of 2 members, not 3" in r.stderr
+    assert (run / "config.yaml").read_text() == saved  # a refused resume changes nothing
 
 
 @pytest.mark.parametrize("args, message", [
