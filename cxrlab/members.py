@@ -92,11 +92,11 @@ def fit_members(cfg: TrainConfig, members: int, parallel: int = 1, resume: bool 
         write_state(out, state)
     result = ensemble_members(cfgs, out)
     finished = sorted(state["finished"], key=lambda r: r["member"])
-    summary = {"run_dir": str(out), "members": finished}
-    if result:
+    summary, state = {"run_dir": str(out), "members": finished}, {**state, "finished": finished}
+    if result:  # a test split: the ensemble's numbers beside its members'
         summary["test"] = result
-    write_state(out, {**state, "finished": finished, "ensemble": {k: result.get(k) for k in
-                                                                   ("accuracy", "macro_f1", "auc_macro", "n")}})
+        state["ensemble"] = {k: result[k] for k in ("accuracy", "macro_f1", "auc_macro", "n")}
+    write_state(out, state)
     return summary
 
 

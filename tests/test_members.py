@@ -146,3 +146,15 @@ def test_worker_gpu_gives_each_side_by_side_process_one_gpu():
     assert [worker_gpu(w, 2, None) for w in range(5)] == ["0", "1", "0", "1", "0"]
     # the parent's own CUDA_VISIBLE_DEVICES is kept: its GPUs, by their names
     assert [worker_gpu(w, 3, "2, 5,7") for w in range(4)] == ["2", "5", "7", "2"]
+
+
+def test_members_without_a_test_split_still_make_a_calibrated_ensemble(synth_dir, tmp_path):
+    data = tmp_path / "d"
+    for split in ("train", "val"):
+        shutil.copytree(synth_dir / split, data / split)
+    r = cli(tmp_path / "cache", "--data", data, *SMALL, "--members", 2, "--out", tmp_path / "ens")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(tmp_path / "ens" / "best.pt", weights_only=True)["model"]["name"] == "ensemble"
+    state = json.loads((tmp_path / "ens" / "members.json").read_text())
+    assert len(state["finished"]) == 2 and "ensemble" not in state and not (tmp_path / "ens" / "metrics.json").exists()
+    assert "no test split" in r.stdout and "test: accuracy" not in r.stdout
