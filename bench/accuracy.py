@@ -103,7 +103,9 @@ def main() -> int:
     if args.parallel < 1 or args.members < 1:
         p.error("--members and --parallel must be at least 1")
     if args.parallel > 1 and args.members == 1:
-        p.error("--parallel trains ensemble members side by side; give --members K (K > 1) as well")
+        from cxrlab.members import PARALLEL_NEEDS_MEMBERS
+
+        p.error(PARALLEL_NEEDS_MEMBERS)
     _reexec_with_allocator()
 
     from cxrlab.cli import setup_logging

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SEED_STEP = 1000  # member i trains with seed + SEED_STEP * i
 STATE = "members.json"  # the ensemble folder's record: settings and each finished member
+PARALLEL_NEEDS_MEMBERS = "--parallel trains ensemble members side by side; give --members K (K > 1) as well"
 
 
 def member_configs(cfg: TrainConfig, members: int, parallel: int = 1) -> list[TrainConfig]:
@@ -52,7 +53,7 @@ def check_members(members: int, parallel: int) -> None:
     """Refuse member counts that make no ensemble, naming the fix."""
     if members < 2:
         raise CxrlabError(f"--members {members}: an ensemble needs at least 2 members (without --members, one model)")
-    if not 1 <= parallel:
+    if parallel < 1:
         raise CxrlabError(f"--parallel {parallel}: give the number of members to train at once (1 to {members})")
 
 
@@ -132,23 +133,24 @@ def train_members(cfgs: list[TrainConfig], parallel: int, resume: bool = False, 
             log.info("member %d: seed %d -> %s%s", i, c.seed, c.out, " (resumed)" if again else "")
             yield i, fit(c, resume=again, progress=progress)
         return
-    yield from _train_side_by_side(cfgs, jobs, ids, parallel)
+    yield from _train_side_by_side(jobs, ids, parallel)
 
 
-def _train_side_by_side(cfgs: list[TrainConfig], jobs: list, ids: list[int], parallel: int):
+def _train_side_by_side(jobs: list[tuple[TrainConfig, bool]], ids: list[int], parallel: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     import torch
 
     # the user's OMP_NUM_THREADS wins; else the cores are split between the members
+    first = jobs[0][0]
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // parallel)
-    gpus = torch.cuda.device_count() if cfgs[0].device == "auto" else 0  # NVML: no CUDA context here
-    if not gpus and cfgs[0].device in ("auto", "cpu"):
+    gpus = torch.cuda.device_count() if first.device == "auto" else 0  # NVML: no CUDA context here
+    if not gpus and first.device in ("auto", "cpu"):
         log.warning("--parallel %d without a GPU: the members share this CPU's %s cores; on a 2-core CPU they trained "
                     "no faster in total than one after another (docs/BENCHMARKS.md)", parallel, os.cpu_count())
     jobs = [(dataclasses.replace(c, workers=threads), again) for c, again in jobs]
-    warm_cache(cfgs[0])
+    warm_cache(first)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_member_process,
                              initargs=(threads, gpus, ctx.Value("i", 0))) as pool:

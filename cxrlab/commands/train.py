@@ -258,8 +258,7 @@ def run(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {result['run_dir']}")
         if "test" in result:
-            t = result["test"]
-            print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  AUC {t['auc_macro']}  (n={t['n']})")
+            _print_test(result["test"])
     return 0
 
 
@@ -269,14 +268,14 @@ def _ensemble_args(args) -> tuple[int, int]:
 
     from cxrlab.config import TrainConfig
     from cxrlab.errors import CxrlabError
-    from cxrlab.members import check_members, load_state
+    from cxrlab.members import PARALLEL_NEEDS_MEMBERS, check_members, load_state
 
     saved = load_state(Path(args.out or TrainConfig.out)) if args.resume else {}
     members = args.members or saved.get("members") or 1
     parallel = args.parallel or saved.get("parallel") or 1
     if members == 1 and args.members is None:
         if args.parallel:
-            raise CxrlabError("--parallel trains ensemble members side by side; give --members K (K > 1) as well")
+            raise CxrlabError(PARALLEL_NEEDS_MEMBERS)
         return 1, 1
     check_members(members, parallel)
     if args.nproc and args.nproc > 1:
@@ -294,6 +293,9 @@ def _run_members(args, members: int, parallel: int) -> int:
         numbers = f"test accuracy {m['accuracy']:.4f}  AUC {m['auc_macro']}" if "accuracy" in m else "no test split"
         print(f"  member {m['member']} (seed {m['seed']}): {numbers}")
     if "test" in result:
-        t = result["test"]
-        print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  AUC {t['auc_macro']}  (n={t['n']})")
+        _print_test(result["test"])
     return 0
+
+
+def _print_test(t: dict) -> None:
+    print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  AUC {t['auc_macro']}  (n={t['n']})")
