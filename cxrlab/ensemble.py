@@ -33,7 +33,11 @@ from cxrlab.inference import ModelBundle, bundle_from_checkpoint
 
 log = logging.getLogger(__name__)
 
-_EPS = 1e-12
+def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """log of `apply_temperature(logits, temperature)`, in float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def is_ensemble(ckpt: dict) -> bool:
@@ -47,13 +51,6 @@ def first_member(ckpt: dict) -> dict:
         return ckpt
     log.info("ensemble checkpoint: explaining its first member (%s)", ckpt["ensemble"][0]["model"]["name"])
     return ckpt["ensemble"][0]
-
-
-def refuse_ensemble(ckpt: dict, what: str) -> None:
-    """Raise a clear `CxrlabError` where an ensemble cannot be used (e.g. `what="ONNX export"`)."""
-    if is_ensemble(ckpt):
-        raise CxrlabError(f"{what} does not support ensemble checkpoints ({len(ckpt['ensemble'])} members); "
-                          "pass one of the member checkpoints instead")
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
@@ -140,8 +137,12 @@ class EnsembleBundle(ModelBundle):
     weights: list[float] = field(default_factory=list)
 
     def _combine(self, member_logits: list[np.ndarray]) -> np.ndarray:
-        avg = sum(w * b.probs(lg) for w, b, lg in zip(self.weights, self.members, member_logits))
-        return np.log(np.clip(avg, _EPS, None)).astype(np.float32)
+        """log(sum_i w_i p_i) as logsumexp(log w_i + log p_i): exact where probabilities are tiny, as in the
+        ONNX export of the ensemble (`cxrlab.export`)."""
+        parts = [np.log(w) + log_softmax(lg, float(b.ckpt.get("temperature") or 1.0))
+                 for w, b, lg in zip(self.weights, self.members, member_logits) if w > 0]
+        top = np.max(parts, axis=0)
+        return (top + np.log(np.sum([np.exp(q - top) for q in parts], axis=0))).astype(np.float32)
 
     def logits_for_arrays(self, images, tta: bool = False, batch_size: int = 64) -> np.ndarray:
         """Log averaged probabilities for uint8 images (N, S, S) preprocessed with the first member's preset.

@@ -9,6 +9,12 @@ produce the cxrlab preprocessed image (`cxrlab.data.preprocess.load_array`):
 Inside the graph: `x * 1/(255 std) - mean/std`, then the grey channel is repeated to `in_chans`.
 The batch axis is dynamic; S is fixed (`img_size`). Everything else a user needs travels as ONNX
 `metadata_props`, each value a JSON string (see `META_KEYS` and docs/INFERENCE.md).
+
+An ensemble checkpoint (`cxrlab.ensemble`) exports as one graph: every member with its own
+normalisation and temperature, their probabilities averaged with the ensemble's weights; the output
+"logits" are log(average probability), as `EnsembleBundle` returns them, so the ensemble's own
+temperature and thresholds (in the metadata) act on them as on any model's logits. Its members must
+share one preprocessing preset (the graph's input is one image).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ MIN_OPSET = 17
 PARITY_TOL = 1e-4
 EXPORT_FORMAT = 1
 META_KEYS = ("architecture", "class_names", "img_size", "in_chans", "mean", "std", "preprocess", "temperature",
-             "thresholds", "cxrlab_version", "epoch", "metric", "input", "quantization", "export_format")
+             "thresholds", "cxrlab_version", "epoch", "metric", "input", "quantization", "export_format", "ensemble")
 # Quantized op types; the stem conv, the classifier (Gemm/MatMul), pooling and the in-graph normalisation
 # stay fp32. On ImageNet efficientnet_lite0 over 32 real radiographs this raised top-1 agreement with
 # fp32 from 16% (every op, ORT defaults) to 66% and cut max |dlogit| from 5.0 to 1.9 (docs/BENCHMARKS.md).
@@ -74,14 +80,77 @@ def _normalised_module(model, mean: list, std: list, in_chans: int):
     return Normalised().eval()
 
 
+def _ensemble_module(ckpt: dict):
+    """One module for an ensemble checkpoint: 0..255 grey images in, log(weighted average probability) out.
+
+    Each member normalises the image its own way, divides its logits by its own temperature and takes
+    log_softmax; `logsumexp(log w_i + log p_i)` is the log of the average, exact where probabilities are tiny
+    (members of weight 0 are left out of the graph).
+    """
+    import math
+
+    import torch
+
+    from cxrlab.checkpoint import build_model
+
+    members = _exported_members(ckpt)
+
+    class Averaged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = torch.nn.ModuleList(
+                _normalised_module(build_model(m), list(m["mean"]), list(m["std"]), m["model"]["in_chans"])
+                for m, _ in members)
+            self.inv_t = [1.0 / float(m.get("temperature") or 1.0) for m, _ in members]
+            self.log_w = [math.log(w) for _, w in members]
+
+        def forward(self, x):
+            parts = [torch.log_softmax(m(x) * t, dim=1) + lw for m, t, lw in zip(self.members, self.inv_t, self.log_w)]
+            return torch.logsumexp(torch.stack(parts), dim=0)
+
+    return Averaged().eval()
+
+
+def _exported_members(ckpt: dict) -> list[tuple[dict, float]]:
+    """(member checkpoint, weight) of an ensemble's members with a weight above 0; one preset for all, or an error."""
+    from cxrlab.data.preprocess import Preprocess
+
+    members = ckpt["ensemble"]
+    weights = list(ckpt.get("ensemble_weights") or [1.0 / len(members)] * len(members))
+    sources = list(ckpt.get("ensemble_sources") or [f"member {i}" for i in range(len(members))])
+    want = Preprocess.from_dict(ckpt.get("preprocess") or {"img_size": ckpt["img_size"]})
+    for m, src in zip(members, sources):
+        got = Preprocess.from_dict(m.get("preprocess") or {"img_size": m["img_size"]})
+        if got != want:
+            raise CxrlabError(f"ONNX export of an ensemble needs one preprocessing preset for all its members (the "
+                              f"graph takes one image), but {src} uses {_preset(got)} and the ensemble {_preset(want)}; "
+                              "export the members one by one (cxrlab export --checkpoint MEMBER.pt), or use the "
+                              "ensemble .pt with predict, evaluate and serve")
+    return [(m, float(w)) for m, w in zip(members, weights) if w > 0]
+
+
+def _preset(pre) -> str:
+    return ", ".join(f"{k} {v}" for k, v in pre.to_dict().items() if k != "version")
+
+
 def onnx_metadata(ckpt: dict, quantization: str = "none") -> dict[str, str]:
-    """The `metadata_props` of an exported checkpoint: {key: JSON string}."""
+    """The `metadata_props` of an exported checkpoint: {key: JSON string}.
+
+    For an ensemble, `ensemble` lists its members (architecture, weight, temperature, source); None otherwise.
+    """
     from cxrlab import __version__
     from cxrlab.checkpoint import model_meta
 
     meta = model_meta(ckpt)
     meta.update(thresholds=ckpt.get("thresholds") or {}, input=INPUT_DOC, quantization=quantization,
                 export_format=EXPORT_FORMAT, cxrlab_version=meta.get("cxrlab_version") or __version__)
+    if ckpt.get("ensemble"):
+        n = len(ckpt["ensemble"])
+        weights = ckpt.get("ensemble_weights") or [1.0 / n] * n
+        sources = ckpt.get("ensemble_sources") or [None] * n
+        meta["ensemble"] = [{"architecture": m["model"]["name"], "weight": float(w),
+                             "temperature": float(m.get("temperature") or 1.0), "source": src}
+                            for m, w, src in zip(ckpt["ensemble"], weights, sources)]
     return {k: json.dumps(meta.get(k)) for k in META_KEYS}
 
 
@@ -197,15 +266,8 @@ def check_parity(onnx_path: str | Path, ckpt: dict, model=None, tol: float = PAR
     Returns:
         `compare()` numbers plus `batches`, `tolerance` and `ok`.
     """
-    import torch
-
-    from cxrlab.checkpoint import build_model
-    from cxrlab.engine import InputSpec, predict_logits
-
-    model = model if model is not None else build_model(ckpt)
-    spec = InputSpec(list(ckpt["mean"]), list(ckpt["std"]), ckpt["model"]["in_chans"])
     images = sample_images(int(ckpt["img_size"]))
-    ref = predict_logits(model, torch.from_numpy(images), spec, torch.device("cpu"), batch_size=3)
+    ref = _torch_logits(ckpt, model, images)
     session = make_session(onnx_path)
     got = np.concatenate([onnx_logits(session, images[:1], 1), onnx_logits(session, images[1:], 3)])
     result = compare(ref, got, float(ckpt.get("temperature", 1.0)))
@@ -213,15 +275,27 @@ def check_parity(onnx_path: str | Path, ckpt: dict, model=None, tol: float = PAR
     return result
 
 
+def _torch_logits(ckpt: dict, model, images: np.ndarray) -> np.ndarray:
+    """PyTorch's logits for uint8 images: the model's, or for an ensemble its `EnsembleBundle`'s log-average."""
+    import torch
+
+    from cxrlab.engine import InputSpec, predict_logits
+    from cxrlab.inference import bundle_for
+
+    if ckpt.get("ensemble"):
+        return bundle_for(ckpt, "cpu").logits_for_arrays(images, batch_size=3)
+    if model is None:
+        from cxrlab.checkpoint import build_model
+
+        model = build_model(ckpt)
+    spec = InputSpec(list(ckpt["mean"]), list(ckpt["std"]), ckpt["model"]["in_chans"])
+    return predict_logits(model, torch.from_numpy(images), spec, torch.device("cpu"), batch_size=3)
+
+
 def _load_ckpt(checkpoint) -> dict:
     from cxrlab.checkpoint import load_checkpoint
 
-    if isinstance(checkpoint, dict):
-        return checkpoint
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("ensemble"):
-        raise CxrlabError(f"'{checkpoint}' is an ensemble checkpoint; export its member checkpoints one by one")
-    return ckpt
+    return checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
 
 
 def export_onnx(checkpoint, out: str | Path, opset: int = MIN_OPSET, check: bool = True, quantize: str | None = None,
@@ -229,7 +303,8 @@ def export_onnx(checkpoint, out: str | Path, opset: int = MIN_OPSET, check: bool
     """Export a checkpoint to ONNX, check it against PyTorch, optionally quantize it to int8.
 
     Args:
-        checkpoint: a `.pt` path or a loaded checkpoint dict.
+        checkpoint: a `.pt` path or a loaded checkpoint dict (a model or an ensemble whose members share one
+            preprocessing preset).
         out: the `.onnx` file to write (with `quantize`, the int8 model; fp32 stays in a temp file).
         opset: ONNX opset (>= 17).
         check: run the parity check; a failure raises `CxrlabError` and the file is renamed `*.parity-failed`.
@@ -253,7 +328,7 @@ def export_onnx(checkpoint, out: str | Path, opset: int = MIN_OPSET, check: bool
         raise CxrlabError(f"--out must end in .onnx, got '{out}'")
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = _load_ckpt(checkpoint)
-    model = build_model(ckpt)
+    model = None if ckpt.get("ensemble") else build_model(ckpt)
     with tempfile.TemporaryDirectory(prefix="cxrlab-export-") as tmp:
         fp32 = Path(tmp) / "model.onnx" if quantize else out.with_name(f".{out.name}.{os.getpid()}.tmp")
         _export_fp32(model, ckpt, fp32, opset, exporter)
@@ -272,7 +347,10 @@ def _export_fp32(model, ckpt: dict, path: Path, opset: int, exporter: str) -> No
     import torch
 
     m = ckpt["model"]
-    module = _normalised_module(model, list(ckpt["mean"]), list(ckpt["std"]), m["in_chans"])
+    if ckpt.get("ensemble"):
+        module = _ensemble_module(ckpt)
+    else:
+        module = _normalised_module(model, list(ckpt["mean"]), list(ckpt["std"]), m["in_chans"])
     example = torch.from_numpy(sample_images(int(ckpt["img_size"]), n_random=2)[:2, None].astype(np.float32))
     tries = ["legacy", "dynamo"] if exporter == "auto" else [exporter]
     for i, name in enumerate(tries):
@@ -301,23 +379,30 @@ def _report_parity(parity: dict, tmp: Path, out: Path) -> None:
                       f"Try --exporter dynamo or another --opset; --no-check skips the check")
 
 
-def calibration_images(img_size: int, calib_data: str | None, n: int, seed: int = 0) -> np.ndarray:
-    """uint8 (n, S, S) images for int8 calibration: a random sample of `calib_data`, else phantoms."""
+def calibration_images(img_size: int, calib_data: str | None, n: int, seed: int = 0, pre=None) -> np.ndarray:
+    """uint8 (n, S, S) images for int8 calibration: a random sample of `calib_data`, else phantoms.
+
+    Both go through the model's preprocessing preset `pre` (a `Preprocess`; default: resizing to `img_size`
+    only), so that an equalising model is calibrated on equalised images, as it will see them.
+    """
+    from cxrlab.data.preprocess import Preprocess, prepare_array
+
+    pre = pre or Preprocess(img_size)
     rng = np.random.default_rng(seed)
     if calib_data:
         from cxrlab.data.cache import load_arrays
-        from cxrlab.data.preprocess import Preprocess
         from cxrlab.inference import expand_inputs
 
         files = expand_inputs([calib_data])
         pick = sorted(rng.choice(len(files), size=min(n, len(files)), replace=False))
-        arrays, ok, _ = load_arrays([files[i] for i in pick], Preprocess(img_size), cache_dir=False)
+        arrays, ok, _ = load_arrays([files[i] for i in pick], pre, cache_dir=False)
         if len(ok) < 2:
             raise CxrlabError(f"--calib-data {calib_data}: fewer than 2 readable images")
         return arrays
     from cxrlab.data.synth import CLASSES, render_phantom
 
-    return np.stack([render_phantom(rng, img_size, CLASSES[i % len(CLASSES)])[0] for i in range(n)])
+    return np.stack([prepare_array(render_phantom(rng, pre.img_size, CLASSES[i % len(CLASSES)])[0], pre)
+                     for i in range(n)])
 
 
 class _Reader:
@@ -346,16 +431,19 @@ def quantize_int8(fp32: Path, out: Path, ckpt: dict, calib_data: str | None = No
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from cxrlab.data.preprocess import Preprocess
+
     n_hold = max(calib_count // 4, 2)
-    images = calibration_images(int(ckpt["img_size"]), calib_data, calib_count + n_hold)
+    pre = Preprocess.from_dict(ckpt.get("preprocess") or {"img_size": ckpt["img_size"]})
+    images = calibration_images(int(ckpt["img_size"]), calib_data, calib_count + n_hold, pre=pre)
     calib, hold = images[: max(len(images) - n_hold, 1)], images[max(len(images) - n_hold, 1) :]
-    pre = fp32.with_name("model.pre.onnx")
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    pre_path = fp32.with_name("model.pre.onnx")
+    quant_pre_process(str(fp32), str(pre_path), skip_symbolic_shape=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    quantize_static(str(pre), str(tmp), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(pre_path), str(tmp), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANT_OPS,
-                    nodes_to_exclude=_first_conv(pre))
+                    nodes_to_exclude=_stem_convs(pre_path))
     _write_metadata(tmp, onnx_metadata(ckpt, quantization=QUANT_SCHEME))
     t = float(ckpt.get("temperature", 1.0))
     ref, q = make_session(fp32), make_session(tmp)
@@ -367,12 +455,22 @@ def quantize_int8(fp32: Path, out: Path, ckpt: dict, calib_data: str | None = No
     return result
 
 
-def _first_conv(path: Path) -> list[str]:
-    """The stem convolution, kept in fp32 (with `QUANT_OPS`, see there)."""
+def _stem_convs(path: Path) -> list[str]:
+    """The stem convolutions, kept in fp32 (with `QUANT_OPS`, see there): those with no convolution between
+    them and the input image, one per model (each member of an ensemble has its own)."""
     import onnx
 
-    convs = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "Conv"]
-    return convs[:1]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    depth: dict[str, int] = {}  # convolutions between the input and a tensor (nodes come in topological order)
+    stems = []
+    for node in graph.node:
+        d = max((depth.get(t, 0) for t in node.input if t), default=0)
+        if node.op_type == "Conv":
+            if d == 0:
+                stems.append(node.name)
+            d += 1
+        depth.update((t, d) for t in node.output)
+    return stems
 
 
 class OnnxBundle(BundleBase):

@@ -89,8 +89,11 @@ def with_recipe(d: dict) -> dict:
     settings = recipe_settings(name)
     if settings.get("auto_freeze") and not d.get("time_budget_min"):
         del settings["auto_freeze"]
-        log.info("recipe %s without --time-budget-min: no --auto-freeze (it decides from the budget); every layer "
-                 "trains for %d epochs", name, d.get("epochs") or settings.get("epochs", TrainConfig.epochs))
+        epochs = d.get("epochs") or settings.get("epochs", TrainConfig.epochs)
+        fixed = d.get("freeze_stages")
+        trains = f"stages fixed by --freeze-stages {fixed}" if fixed else "every layer trains"
+        log.info("recipe %s without --time-budget-min: no --auto-freeze (it decides from the budget); %s for %d "
+                 "epochs", name, trains, epochs)
     return {**settings, **d}
 
 

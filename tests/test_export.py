@@ -15,8 +15,8 @@ from cxrlab.errors import CxrlabError
 CLASSES = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
 
 
-def random_checkpoint(name: str, size: int, in_chans: int = 3, **extra) -> dict:
-    """A checkpoint of a randomly initialised model, built the way training builds it."""
+def random_checkpoint(name: str, size: int, in_chans: int = 3, seed: int = 0, **extra) -> dict:
+    """A checkpoint of a randomly initialised model (torch seed `seed`), built the way training builds it."""
     from cxrlab.config import TrainConfig
     from cxrlab.data.preprocess import Preprocess
     from cxrlab.engine import InputSpec
@@ -25,7 +25,7 @@ def random_checkpoint(name: str, size: int, in_chans: int = 3, **extra) -> dict:
 
     spec = model_spec(name)
     kw = {"img_size": size} if name in ("custom_cnn",) else {}
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = create_model(name, num_classes=len(CLASSES), in_chans=in_chans, **kw).eval()
     ispec = InputSpec(channel_stats(spec.mean, in_chans), channel_stats(spec.std, in_chans), in_chans)
     return make_checkpoint(model, TrainConfig(model=name, img_size=size), CLASSES, Preprocess(size), ispec, 1,
@@ -173,3 +173,163 @@ def test_cli_export_int8(trained, tmp_path, capsys, monkeypatch):
     x = E.calibration_images(48, str(data / "test"), 9)
     stats = E.compare(fp32.logits_for_arrays(x), int8.logits_for_arrays(x))
     assert stats["argmax_agreement"] >= 0.6 and stats["max_abs_dprob"] < 0.2, stats
+
+
+# ---------------------------------------------------------------- ensembles in one graph
+
+
+def _member(name: str, seed: int, temperature: float, size: int = 48, **pre) -> dict:
+    from cxrlab.data.preprocess import Preprocess
+
+    ck = random_checkpoint(name, size, 1 if name == "custom_cnn" else 3, seed=seed, temperature=temperature)
+    ck["preprocess"] = Preprocess(size, **pre).to_dict()
+    return ck
+
+
+@pytest.fixture(scope="module")
+def ensemble_pt(tmp_path_factory):
+    """Two different members (custom_cnn T 1.5, resnet18 T 0.7), weights 1:3, with the ensemble's own T and thresholds."""
+    from cxrlab.checkpoint import save_checkpoint
+    from cxrlab.ensemble import build_ensemble
+
+    root = tmp_path_factory.mktemp("ens")
+    for i, (name, t) in enumerate([("custom_cnn", 1.5), ("resnet18", 0.7)]):
+        save_checkpoint(_member(name, i + 1, t), root / f"m{i}.pt")
+    ens = build_ensemble([root / "m0.pt", root / "m1.pt"], [1, 3])
+    ens.update(temperature=0.8, thresholds={"TUBERCULOSIS": 0.2})
+    save_checkpoint(ens, root / "ens.pt")
+    return root / "ens.pt"
+
+
+def test_ensemble_exports_as_one_graph(ensemble_pt, tmp_path):
+    from cxrlab.inference import load_model_bundle
+
+    r = E.export_onnx(ensemble_pt, tmp_path / "ens.onnx")
+    assert r.parity["ok"] and r.parity["max_abs_dprob"] <= 1e-4, r.parity
+    meta = E.read_metadata(r.path)
+    assert meta["architecture"] == "ensemble" and meta["temperature"] == 0.8
+    assert meta["thresholds"] == {"TUBERCULOSIS": 0.2}
+    assert [(e["architecture"], e["weight"], e["temperature"]) for e in meta["ensemble"]] == \
+        [("custom_cnn", 0.25, 1.5), ("resnet18", 0.75, 0.7)]
+    assert meta["ensemble"][0]["source"].endswith("m0.pt")
+    onnx_b, torch_b = load_model_bundle(r.path), load_model_bundle(ensemble_pt, "cpu")
+    x = np.random.default_rng(3).integers(0, 256, (7, 48, 48), dtype=np.uint8)
+    got, want = onnx_b.logits_for_arrays(x, batch_size=4), torch_b.logits_for_arrays(x)
+    np.testing.assert_allclose(onnx_b.probs(got), torch_b.probs(want), atol=1e-4)
+    # the output is log(weighted average of the members' calibrated probabilities), as the members give them
+    members = [b.probs(b.logits_for_arrays(x)) for b in torch_b.members]
+    np.testing.assert_allclose(np.exp(got), 0.25 * members[0] + 0.75 * members[1], atol=1e-4)
+    single = _save_member(tmp_path, "custom_cnn", 0, 1.0)
+    assert E.read_metadata(E.export_onnx(single, tmp_path / "one.onnx", check=False).path)["ensemble"] is None
+
+
+def _save_member(tmp_path, name: str, seed: int, temperature: float, **pre):
+    from cxrlab.checkpoint import save_checkpoint
+
+    path = tmp_path / f"{name}_{seed}_{'_'.join(map(str, pre.values()))}.pt"
+    save_checkpoint(_member(name, seed, temperature, **pre), path)
+    return path
+
+
+def test_ensemble_of_one_model_twice_exports_that_model(tmp_path):
+    """Known answer: averaging a model with itself gives back its calibrated probabilities."""
+    from cxrlab.checkpoint import save_checkpoint
+    from cxrlab.ensemble import build_ensemble
+
+    one = _save_member(tmp_path, "resnet18", 2, 1.3)
+    save_checkpoint(build_ensemble([one, one], [2, 1]), tmp_path / "twice.pt")
+    x = np.random.default_rng(4).integers(0, 256, (5, 48, 48), dtype=np.uint8)
+    ens = E.load_onnx_bundle(E.export_onnx(tmp_path / "twice.pt", tmp_path / "twice.onnx").path, threads=1)
+    single = E.load_onnx_bundle(E.export_onnx(one, tmp_path / "one.onnx").path, threads=1)
+    np.testing.assert_allclose(ens.probs(ens.logits_for_arrays(x)), single.probs(single.logits_for_arrays(x)),
+                               atol=1e-5)
+
+
+def test_ensemble_with_two_presets_is_refused(tmp_path):
+    from cxrlab.checkpoint import save_checkpoint
+    from cxrlab.ensemble import build_ensemble
+
+    plain, equalised = _save_member(tmp_path, "custom_cnn", 0, 1.0), _save_member(tmp_path, "custom_cnn", 1, 1.0, equalize=True)
+    save_checkpoint(build_ensemble([plain, equalised]), tmp_path / "mixed.pt")
+    with pytest.raises(CxrlabError, match=r"one preprocessing preset.*custom_cnn_1_True\.pt.*export the members one by one"):
+        E.export_onnx(tmp_path / "mixed.pt", tmp_path / "mixed.onnx")
+    assert not list(tmp_path.glob("*.onnx*")), "nothing written"
+
+
+def test_stem_convs_one_per_member(ensemble_pt, exported, tmp_path):
+    """int8 keeps each model's first convolution in fp32: one for a model, one per member for an ensemble."""
+    import onnx
+
+    path = E.export_onnx(ensemble_pt, tmp_path / "ens.onnx", check=False).path
+    stems = E._stem_convs(path)
+    assert len(stems) == 2 and stems[0].startswith("/members.0/") and stems[1].startswith("/members.1/")
+    convs = [n.name for n in onnx.load(exported.path).graph.node if n.op_type == "Conv"]
+    assert E._stem_convs(exported.path) == convs[:1] and len(convs) > 1
+
+
+def test_ensemble_int8(ensemble_pt, tmp_path, capsys, monkeypatch):
+    from cxrlab.cli import main
+
+    monkeypatch.setenv("CXRLAB_NO_REEXEC", "1")
+    out = tmp_path / "ens8.onnx"
+    assert main(["export", "--checkpoint", str(ensemble_pt), "--out", str(out), "--quantize", "int8",
+                 "--calib-count", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "ensemble of 2 (custom_cnn, resnet18) in one graph" in text and "int8 vs fp32" in text
+    meta = E.read_metadata(out)
+    assert meta["quantization"].startswith("int8") and len(meta["ensemble"]) == 2
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "QuantizeLinear" in ops and "ReduceLogSumExp" in ops
+
+
+def test_calibration_images_use_the_model_preset(trained):
+    """int8 calibration sees what the model sees: an equalising model is calibrated on equalised images."""
+    from cxrlab.data.cache import load_arrays
+    from cxrlab.data.preprocess import Preprocess, prepare_array
+    from cxrlab.data.synth import render_phantom
+
+    data, _ = trained
+    pre = Preprocess(48, equalize=True)
+    got = E.calibration_images(48, str(data / "test"), 4, pre=pre)
+    files = sorted(f for f in (data / "test").rglob("*") if f.is_file())
+    pick = sorted(np.random.default_rng(0).choice(len(files), size=4, replace=False))
+    want = load_arrays([files[i] for i in pick], pre, cache_dir=False)[0]
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, E.calibration_images(48, str(data / "test"), 4))
+    phantom = render_phantom(np.random.default_rng(0), 48, "NORMAL")[0]
+    np.testing.assert_array_equal(E.calibration_images(48, None, 1, pre=pre)[0], prepare_array(phantom, pre))
+
+
+def test_ensemble_log_average_is_exact_for_tiny_probabilities():
+    """The ensemble's logits are log(sum w p) computed in log space: no floor at log(1e-12) = -27.6."""
+    from cxrlab.ensemble import EnsembleBundle
+
+    class Fixed:
+        def __init__(self, t):
+            self.ckpt = {"temperature": t}
+
+    b = EnsembleBundle.__new__(EnsembleBundle)
+    b.members, b.weights = [Fixed(1.0), Fixed(2.0)], [0.25, 0.75]
+    a = np.array([[100.0, 0.0, 0.0], [0.0, 1.0, 2.0]], np.float32)
+    c = np.array([[80.0, 0.0, 0.0], [2.0, 1.0, 0.0]], np.float32)
+    got = b._combine([a, c])
+    p = 0.25 * np.exp(a - np.log(np.exp(a.astype(np.float64)).sum(1, keepdims=True))) + \
+        0.75 * np.exp(c / 2 - np.log(np.exp(c / 2.0).sum(1, keepdims=True)))
+    np.testing.assert_allclose(got[1], np.log(p[1]), rtol=1e-6)
+    np.testing.assert_allclose(got[0, 1:], [np.log(0.75) - 40.0] * 2, rtol=1e-5)  # -40.3, where the floor gave -27.6
+
+
+def test_cli_predict_ensemble_via_onnx(trained, ensemble_pt, capsys, monkeypatch):
+    """`predict --engine onnx` on an ensemble .pt exports it once (cached) and decides as the .pt does."""
+    from cxrlab.cli import main
+
+    monkeypatch.setenv("CXRLAB_NO_REEXEC", "1")
+    data, _ = trained
+    ref = _predict_csv(main, capsys, str(data / "test"), "--checkpoint", str(ensemble_pt))
+    got = _predict_csv(main, capsys, str(data / "test"), "--checkpoint", str(ensemble_pt), "--engine", "onnx")
+    assert [r["path"] for r in got] == [r["path"] for r in ref] and len(ref) >= 6
+    assert [r["predicted"] for r in got] == [r["predicted"] for r in ref]
+    assert max(abs(float(a[f"prob_{c}"]) - float(b[f"prob_{c}"])) for a, b in zip(got, ref) for c in CLASSES) <= 1e-4
+    assert list(ensemble_pt.parent.glob(".ens.pt.*.onnx")), "the export is cached next to the ensemble"

@@ -110,6 +110,16 @@ def test_with_recipe_leaves_its_input_and_the_recipes_alone():
     assert with_recipe({"data": "d"}) == {"data": "d"}
 
 
+def test_recipe_without_budget_says_what_trains(caplog):
+    """Without --time-budget-min the log says every layer trains, unless --freeze-stages fixes some."""
+    with caplog.at_level("INFO", logger="cxrlab.recipes"):
+        with_recipe({"data": "d", "recipe": "recommended", "epochs": 6})
+        with_recipe({"data": "d", "recipe": "recommended", "epochs": 6, "freeze_stages": 3})
+    first, second = [r.getMessage() for r in caplog.records]
+    assert first.endswith("every layer trains for 6 epochs")
+    assert second.endswith("stages fixed by --freeze-stages 3 for 6 epochs")
+
+
 def test_list_recipes_prints_usable_options(capsys):
     assert main(["train", "--list-recipes"]) == 0
     out = capsys.readouterr().out

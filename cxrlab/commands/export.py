@@ -6,7 +6,9 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="cxrlab checkpoint (best.pt / last.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="cxrlab checkpoint (best.pt / last.pt) or ensemble checkpoint (exported as one graph; its members "
+                        "must share one preprocessing preset)")
     p.add_argument("--out", required=True, help="FILE.onnx to write (input: float32 (N,1,S,S) grey 0..255; output: logits)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
     p.add_argument("--quantize", choices=["int8"], help="static int8 QDQ quantization (calibrated; agreement with fp32 is printed)")
@@ -32,6 +34,9 @@ def run(args) -> int:
               f"argmax agreement {q['argmax_agreement']:.3f}, max |dprob| {q['max_abs_dprob']:.3g}, "
               f"mean |dprob| {q['mean_abs_dprob']:.3g}")
     m = r.meta
-    print(f"wrote {r.path}: {m['architecture']}, classes {', '.join(m['class_names'])}, input float32 (N, 1, "
+    what = m["architecture"]
+    if m.get("ensemble"):
+        what = f"ensemble of {len(m['ensemble'])} ({', '.join(e['architecture'] for e in m['ensemble'])}) in one graph"
+    print(f"wrote {r.path}: {what}, classes {', '.join(m['class_names'])}, input float32 (N, 1, "
           f"{m['img_size']}, {m['img_size']}) grey 0..255, output logits")
     return 0
