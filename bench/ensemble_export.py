@@ -6,7 +6,8 @@ For an ensemble checkpoint (`cxrlab train --members K` or `cxrlab ensemble`) and
   its first member alone (fp32), and times the exports;
 - decodes the test split once with the ensemble's preset and runs every engine on the same arrays:
   PyTorch ensemble (the `.pt`), onnxruntime fp32 ensemble, onnxruntime int8 ensemble, and the first
-  member alone in PyTorch and onnxruntime (what one member costs);
+  member alone in PyTorch and onnxruntime fp32 and int8 (what one member costs), int8 once more with the
+  calibration images only resized, as before commit 3ec6382 (not through the model's preset);
 - per engine: images/s at batch 64 (best of `--repeats` passes; every engine in the same run, so compare
   ratios), accuracy and AUC with the checkpoint's temperature and thresholds, and against the PyTorch
   ensemble: max |dprob| and the share of identical decisions.
@@ -75,7 +76,7 @@ def main() -> None:
     from cxrlab.checkpoint import load_checkpoint, save_checkpoint
     from cxrlab.data.cache import load_arrays
     from cxrlab.data.dataset import build_index
-    from cxrlab.export import export_onnx, load_onnx_bundle
+    from cxrlab.export import export_onnx, load_onnx_bundle, quantize_int8
     from cxrlab.inference import bundle_for
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -95,27 +96,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ens-") as tmp:
         tmp = Path(tmp)
         fp32, t_fp32 = timed(lambda: export_onnx(ckpt, tmp / "ens.onnx"))
-        int8, t_int8 = timed(lambda: export_onnx(ckpt, tmp / "ens8.onnx", quantize="int8",
-                                                 calib_data=str(Path(args.data) / "train"), calib_count=args.calib_count))
+        calib = str(Path(args.data) / "train")
+        int8, t_int8 = timed(lambda: export_onnx(ckpt, tmp / "ens8.onnx", quantize="int8", calib_data=calib,
+                                                 calib_count=args.calib_count))
         save_checkpoint(dict(ckpt["ensemble"][0]), tmp / "member0.pt")
         one, t_one = timed(lambda: export_onnx(tmp / "member0.pt", tmp / "member0.onnx"))
+        one8 = export_onnx(tmp / "member0.pt", tmp / "member0.int8.onnx", quantize="int8", calib_data=calib,
+                           calib_count=args.calib_count)
+        # the calibration before commit 3ec6382: images resized only, not through the model's preset
+        resize_only = {**ckpt["ensemble"][0], "preprocess": {"img_size": ckpt["img_size"]}}
+        old8 = quantize_int8(Path(one.path), tmp / "member0.int8-resize-only.onnx", resize_only, calib, args.calib_count)
         results["export_s"] = {"ensemble_fp32": round(t_fp32, 1), "ensemble_int8": round(t_int8, 1),
                                "member0_fp32": round(t_one, 1)}
+        results["int8_held_out_member0"] = {"model_preset": one8.int8, "resize_only": old8}
         results["parity_sample_images"] = fp32.parity
         results["int8_held_out"] = int8.int8
         engines = {"torch ensemble": ens_pt, "onnxruntime fp32 ensemble": load_onnx_bundle(fp32.path),
                    "onnxruntime int8 ensemble": load_onnx_bundle(int8.path),
                    "torch member 0": bundle_for(load_checkpoint(tmp / "member0.pt"), "cpu"),
-                   "onnxruntime fp32 member 0": load_onnx_bundle(one.path)}
-        ref_probs, rows = None, {}
+                   "onnxruntime fp32 member 0": load_onnx_bundle(one.path),
+                   "onnxruntime int8 member 0": load_onnx_bundle(one8.path),
+                   "int8 member 0, resize-only calibration": load_onnx_bundle(tmp / "member0.int8-resize-only.onnx")}
+        probs, rows = {}, {}
         for name, bundle in engines.items():
             logits, ips = run_engine(bundle, arrays, args.repeats)
-            row = scores(bundle, logits, y, ref_probs if "ensemble" in name else None)
-            if ref_probs is None:
-                ref_probs = bundle.probs(logits)
+            ref = "torch ensemble" if "ensemble" in name else "torch member 0"
+            row = scores(bundle, logits, y, probs.get(ref))
+            probs[name] = bundle.probs(logits)
             rows[name] = {"images_per_s": round(ips, 1), **row}
-            print(f"{name:28s} {ips:6.1f} img/s  accuracy {row['accuracy']:.4f}  AUC {row['auc']:.4f}"
-                  + (f"  max|dprob| vs torch {row['max_abs_dprob']:.2e}  same decisions {row['same_decisions']:.4f}"
+            print(f"{name:40s} {ips:6.1f} img/s  accuracy {row['accuracy']:.4f}  AUC {row['auc']:.4f}"
+                  + (f"  vs {ref}: max|dprob| {row['max_abs_dprob']:.2e}, same decisions {row['same_decisions']:.4f}"
                      if "max_abs_dprob" in row else ""), flush=True)
         results["engines"] = rows
     print(f"export: ensemble fp32 {t_fp32:.1f} s (parity max |dprob| {fp32.parity['max_abs_dprob']:.1e}), "

@@ -73,6 +73,7 @@ def fit_members(cfg: TrainConfig, members: int, parallel: int = 1, resume: bool 
         "test": the ensemble's test metrics (absent without a test split)}.
     """
     from cxrlab.config import save_yaml
+    from cxrlab.train import attach_log_file, detach_log_file
 
     out = Path(cfg.out)
     cfgs = member_configs(cfg, members, parallel)
@@ -82,16 +83,11 @@ def fit_members(cfg: TrainConfig, members: int, parallel: int = 1, resume: bool 
                           f"--members {state['members']} or a new --out")
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
-    done = {r["member"]: r for r in state.get("finished", [])}
-    todo = [i for i in range(members) if i not in done]
-    if done:
-        log.info("--resume: member(s) %s already finished in %s", ", ".join(map(str, sorted(done))), out)
-    state = {"members": members, "parallel": parallel, "finished": list(done.values())}
-    write_state(out, state)
-    for i, result in train_members([cfgs[i] for i in todo], parallel, resume, progress, todo):
-        state["finished"].append(member_record(i, cfgs[i], result))
-        write_state(out, state)
-    result = ensemble_members(cfgs, out)
+    handler = attach_log_file(out / "train.log")  # the whole command's log; each member's own is in memberI/
+    try:
+        result, state = _fit(cfgs, out, state, parallel, resume, progress)
+    finally:
+        detach_log_file(handler)
     finished = sorted(state["finished"], key=lambda r: r["member"])
     summary, state = {"run_dir": str(out), "members": finished}, {**state, "finished": finished}
     if result:  # a test split: the ensemble's numbers beside its members'
@@ -99,6 +95,31 @@ def fit_members(cfg: TrainConfig, members: int, parallel: int = 1, resume: bool 
         state["ensemble"] = {k: result[k] for k in ("accuracy", "macro_f1", "auc_macro", "n")}
     write_state(out, state)
     return summary
+
+
+def _fit(cfgs: list[TrainConfig], out: Path, state: dict, parallel: int, resume: bool,
+         progress: bool) -> tuple[dict, dict]:
+    """Train the unfinished members and average all of them: (the ensemble's test metrics, members.json state)."""
+    members = len(cfgs)
+    done = {r["member"]: r for r in state.get("finished", [])}
+    todo = [i for i in range(members) if i not in done]
+    log.info("ensemble of %d members in %s (seeds %s, validation carve of seed %d, %d at a time)%s", members, out,
+             ", ".join(str(c.seed) for c in cfgs), cfgs[0].split_seed, parallel,
+             f"; --resume: member(s) {', '.join(map(str, sorted(done)))} already finished" if done else "")
+    state = {"members": members, "parallel": parallel, "finished": list(done.values())}
+    write_state(out, state)
+    for i, result in train_members([cfgs[i] for i in todo], parallel, resume, progress, todo):
+        state["finished"].append(member_record(i, cfgs[i], result))
+        write_state(out, state)
+        log.info("member %d finished (%s)%s", i, cfgs[i].out, _test_text(result.get("test")))
+    result = ensemble_members(cfgs, out)
+    if result:
+        log.info("ensemble%s (n=%d)", _test_text(result), result["n"])
+    return result, state
+
+
+def _test_text(test: dict | None) -> str:
+    return f": test accuracy {test['accuracy']:.4f}, AUC {test['auc_macro']:.4f}" if test else ""
 
 
 def member_record(i: int, cfg: TrainConfig, result: dict) -> dict:

@@ -668,8 +668,7 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
         return result
     finally:
         if handler is not None:
-            logging.getLogger("cxrlab").removeHandler(handler)
-            handler.close()
+            detach_log_file(handler)
         if run.dist.world > 1:
             if sys.exc_info()[0] is None:  # after a failure, exit at once (torchrun stops the other ranks)
                 torch.distributed.barrier()
@@ -681,7 +680,12 @@ def _attach_log_file(run: Run):
         logging.getLogger("cxrlab").setLevel(logging.WARNING)
         return None
     check_output_dir(run.out, need_bytes=0)
-    handler = logging.FileHandler(run.out / "train.log")
+    return attach_log_file(run.out / "train.log")
+
+
+def attach_log_file(path: Path) -> logging.Handler:
+    """Append cxrlab's INFO messages and above to `path` (with time stamps) until `detach_log_file`."""
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger("cxrlab")
@@ -689,3 +693,8 @@ def _attach_log_file(run: Run):
     if root.getEffectiveLevel() > logging.INFO:
         root.setLevel(logging.INFO)
     return handler
+
+
+def detach_log_file(handler: logging.Handler) -> None:
+    logging.getLogger("cxrlab").removeHandler(handler)
+    handler.close()

@@ -89,6 +89,10 @@ def test_members_make_one_calibrated_tested_ensemble(ensembles, synth_dir):
     assert state["finished"][1]["accuracy"] == member["accuracy"]  # each member is tested as an ordinary run
     assert f"test: accuracy {metrics['accuracy']:.4f}" in stdout and "member 1 (seed 1042)" in stdout
     assert json.loads((tmp / "side" / "members.json").read_text())["finished"] == state["finished"]
+    log = (out / "train.log").read_text()  # the ensemble's own log: the whole command, members included
+    assert "ensemble of 2 members" in log and "seeds 42, 1042" in log and "member 1 finished" in log
+    assert f"ensemble: test accuracy {metrics['accuracy']:.4f}" in log
+    assert log.index("member 0 finished") < log.index("member 1 finished") < log.index("ensemble: test")
 
 
 def test_resume_keeps_finished_members_and_trains_the_rest(ensembles):
@@ -104,6 +108,8 @@ def test_resume_keeps_finished_members_and_trains_the_rest(ensembles):
     r = cli(cache, "--resume", "--out", run)  # settings and member count from the folder itself
     assert r.returncode == 0, r.stderr[-3000:]
     assert "member(s) 0 already finished" in r.stderr
+    log = (run / "train.log").read_text()  # appended to: the first run's lines, then the resume's
+    assert log.count("ensemble of 2 members in") == 2 and "member(s) 0 already finished" in log
     assert (run / "member0" / "best.pt").stat().st_mtime_ns == before  # not retrained
     a, b = state_dict(run / "member1" / "best.pt"), state_dict(tmp / "seq" / "member1" / "best.pt")
     assert all(torch.equal(t, b[n]) for n, t in a.items())
