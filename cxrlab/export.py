@@ -37,7 +37,11 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 MIN_OPSET = 17
-PARITY_TOL = 1e-4
+# Largest |Δprob| between onnxruntime and PyTorch on the parity images. A wrong export (normalisation, channel
+# layout, a layer in training mode) moves probabilities by 1e-2 and more; both engines in fp32 differ by summation
+# order only, which trained models amplify on the constant white/black parity images: the recipe's EfficientNet-Lite0
+# members of runs/cli_m2_s0 differed by 8e-5 / 3.3e-4 there (1.5e-5 on 64 real radiographs), and 1e-4 refused them.
+PARITY_TOL = 1e-3
 EXPORT_FORMAT = 1
 META_KEYS = ("architecture", "class_names", "img_size", "in_chans", "mean", "std", "preprocess", "temperature",
              "thresholds", "cxrlab_version", "epoch", "metric", "input", "quantization", "export_format", "ensemble")
