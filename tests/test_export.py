@@ -256,15 +256,25 @@ def test_ensemble_with_two_presets_is_refused(tmp_path):
     assert not list(tmp_path.glob("*.onnx*")), "nothing written"
 
 
-def test_stem_convs_one_per_member(ensemble_pt, exported, tmp_path):
-    """int8 keeps each model's first convolution in fp32: one for a model, one per member for an ensemble."""
+def test_fp32_front_per_model_and_per_member(ensemble_pt, exported, tmp_path):
+    """int8 keeps the first 3 convolutions from the image in fp32 (and the ops between them): for a model its first
+    three, for an ensemble each member's own."""
     import onnx
 
+    nodes = onnx.load(exported.path).graph.node
+    convs = [n.name for n in nodes if n.op_type == "Conv"]
+    front = E._fp32_front(exported.path)
+    assert [n for n in front if n in convs] == convs[:3] and len(convs) > 3  # custom_cnn: one conv after another
+    assert all(n.op_type in E.QUANT_OPS for n in nodes if n.name in front)
+    assert [n for n in E._fp32_front(exported.path, convs=1) if n in convs] == convs[:1]
     path = E.export_onnx(ensemble_pt, tmp_path / "ens.onnx", check=False).path
-    stems = E._stem_convs(path)
-    assert len(stems) == 2 and stems[0].startswith("/members.0/") and stems[1].startswith("/members.1/")
-    convs = [n.name for n in onnx.load(exported.path).graph.node if n.op_type == "Conv"]
-    assert E._stem_convs(exported.path) == convs[:1] and len(convs) > 1
+    by_member = {}
+    for n in onnx.load(path).graph.node:
+        if n.op_type == "Conv" and n.name in E._fp32_front(path):
+            by_member.setdefault(n.name.split("/")[1], []).append(n.name)
+    assert sorted(by_member) == ["members.0", "members.1"]
+    assert len(by_member["members.0"]) == 3  # custom_cnn: its first three
+    assert by_member["members.1"][0].endswith("/conv1/Conv")  # resnet18: its stem first
 
 
 def test_ensemble_int8(ensemble_pt, tmp_path, capsys, monkeypatch):
