@@ -33,6 +33,7 @@ from cxrlab.inference import ModelBundle, bundle_from_checkpoint
 
 log = logging.getLogger(__name__)
 
+
 def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """log of `apply_temperature(logits, temperature)`, in float64."""
     z = np.asarray(logits, dtype=np.float64) / temperature

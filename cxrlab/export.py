@@ -52,7 +52,7 @@ QUANT_OPS = ["Conv", "Clip", "Add"]
 # The first FP32_FRONT convolutions on every path from the image (and the ops between them) stay fp32 too: their
 # errors pass through the whole network. On a recipe-trained Kermany EfficientNet-Lite0 (fp32 0.907 test accuracy)
 # quantizing only its first block (one depthwise and one 1x1 conv after the stem) cost 5 points on its own (0.857;
-# any later stage alone <= 0.7), every layer but the stem 0.861, every layer but the stem and that block 0.909.
+# any later stage alone at most 0.7 points), every layer but the stem 0.861, every layer but the stem and that block 0.909.
 FP32_FRONT = 3
 QUANT_SCHEME = ("int8 static QDQ: Conv/Clip/Add, per-channel weights, min-max; the first 3 convolutions from the "
                 "image and the classifier fp32")
