@@ -228,3 +228,29 @@ def test_no_path_traversal(client):
         assert r.status_code in (400, 404), (path, r.status_code)
         assert "root:" not in r.text and "create_app" not in r.text
     assert client.get("/nope").json()["error"].startswith("not found")
+
+
+def test_serve_an_ensemble_exported_to_onnx(ckpt, trained, png):
+    """An ensemble .pt and its one-graph ONNX export answer with the same probabilities; Grad-CAM needs the .pt."""
+    from cxrlab.checkpoint import load_checkpoint, save_checkpoint
+    from cxrlab.ensemble import build_ensemble
+    from cxrlab.export import export_onnx
+    from cxrlab.serve.app import create_app
+
+    warm = {k: v for k, v in load_checkpoint(ckpt).items() if k not in ("format_version", "cxrlab_version")}
+    save_checkpoint({**warm, "temperature": 2.5}, trained / "soft.pt")  # a member that answers differently
+    save_checkpoint(build_ensemble([ckpt, trained / "soft.pt"], [3, 1]), trained / "ens.pt")
+    onnx_path = export_onnx(trained / "ens.pt", trained / "ens.onnx").path
+    answers = {}
+    for name, model in (("pt", trained / "ens.pt"), ("onnx", onnx_path)):
+        with TestClient(create_app(model, log_db=trained / f"ens_{name}.sqlite", device="cpu")) as c:
+            assert c.get("/api/model").json()["architecture"] == "ensemble"
+            r = _post(c, png)
+            assert r.status_code == 200, r.text
+            answers[name] = r.json()
+            if name == "onnx":
+                r = _post(c, png, path="/api/explain")
+                assert 400 <= r.status_code < 500 and "PyTorch checkpoint" in r.text
+    a, b = answers["pt"]["probabilities"], answers["onnx"]["probabilities"]
+    assert answers["pt"]["predicted"] == answers["onnx"]["predicted"]
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-4
