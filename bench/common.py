@@ -20,6 +20,13 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 ALLOC_VARS = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 
 
+def reexec_with_alloc_vars() -> None:
+    """Re-run this script under glibc's raised malloc thresholds (`ALLOC_VARS`), as the cxrlab CLI runs."""
+    if all(k in os.environ for k in ALLOC_VARS) or not sys.platform.startswith("linux"):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **ALLOC_VARS))
+
+
 def machine_info() -> dict:
     """CPU model, core count, CPU flags of interest, torch version and threads, date."""
     import torch

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ALLOC_VARS, machine_info  # noqa: E402
+from common import machine_info, reexec_with_alloc_vars  # noqa: E402
 
 
 def timed(fn):
@@ -63,15 +63,8 @@ def scores(bundle, logits: np.ndarray, y: np.ndarray, ref_probs: np.ndarray | No
     return out
 
 
-def maybe_reexec() -> None:
-    """Run under glibc's raised malloc thresholds, as the cxrlab CLI does (torch inference is slower without)."""
-    if all(k in os.environ for k in ALLOC_VARS) or not sys.platform.startswith("linux"):
-        return
-    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **ALLOC_VARS))
-
-
 def main() -> None:
-    maybe_reexec()
+    reexec_with_alloc_vars()  # torch inference is slower under glibc's default malloc
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="an ensemble checkpoint (.pt)")
     p.add_argument("--data", required=True, help="data folder with test/ (and train/ for int8 calibration)")

@@ -32,16 +32,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ALLOC_VARS, machine_info  # noqa: E402
+from common import ALLOC_VARS, machine_info, reexec_with_alloc_vars  # noqa: E402
 
 MODELS = {"efficientnet_lite0": dict(num_classes=1000, pretrained=True), "resnet18": dict(num_classes=3)}
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumonia" / "test"
 
 
 def maybe_reexec(args) -> None:
-    if args.no_alloc_tuning or all(k in os.environ for k in ALLOC_VARS) or not sys.platform.startswith("linux"):
-        return
-    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **ALLOC_VARS))
+    if not args.no_alloc_tuning:
+        reexec_with_alloc_vars()
 
 
 def checkpoint_for(name: str, size: int) -> dict:

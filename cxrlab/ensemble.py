@@ -34,16 +34,15 @@ from cxrlab.inference import ModelBundle, bundle_from_checkpoint
 log = logging.getLogger(__name__)
 
 
-def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """log of `apply_temperature(logits, temperature)`, in float64."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
 def is_ensemble(ckpt: dict) -> bool:
     """Whether a loaded checkpoint dict is an ensemble."""
     return bool(ckpt.get("ensemble"))
+
+
+def member_weights(ckpt: dict) -> list[float]:
+    """An ensemble checkpoint's member weights (equal when it stores none)."""
+    n = len(ckpt["ensemble"])
+    return [float(w) for w in ckpt.get("ensemble_weights") or [1.0 / n] * n]
 
 
 def first_member(ckpt: dict) -> dict:
@@ -81,8 +80,7 @@ def _members_of(ckpt: dict, source: str) -> list[tuple[dict, float, str]]:
     """(member, relative weight, source) of a checkpoint; a nested ensemble is flattened."""
     if not is_ensemble(ckpt):
         return [({k: v for k, v in ckpt.items() if k != "train_state"}, 1.0, source)]
-    ws = ckpt.get("ensemble_weights") or [1.0 / len(ckpt["ensemble"])] * len(ckpt["ensemble"])
-    return [(m, float(w), f"{source}[{i}]") for i, (m, w) in enumerate(zip(ckpt["ensemble"], ws))]
+    return [(m, w, f"{source}[{i}]") for i, (m, w) in enumerate(zip(ckpt["ensemble"], member_weights(ckpt)))]
 
 
 def build_ensemble(checkpoints: list[str | Path], weights: list[float] | None = None) -> dict:
@@ -140,10 +138,11 @@ class EnsembleBundle(ModelBundle):
     def _combine(self, member_logits: list[np.ndarray]) -> np.ndarray:
         """log(sum_i w_i p_i) as logsumexp(log w_i + log p_i): exact where probabilities are tiny, as in the
         ONNX export of the ensemble (`cxrlab.export`)."""
-        parts = [np.log(w) + log_softmax(lg, float(b.ckpt.get("temperature") or 1.0))
+        from scipy.special import log_softmax, logsumexp
+
+        parts = [np.log(w) + log_softmax(np.asarray(lg, np.float64) / float(b.ckpt.get("temperature") or 1.0), axis=1)
                  for w, b, lg in zip(self.weights, self.members, member_logits) if w > 0]
-        top = np.max(parts, axis=0)
-        return (top + np.log(np.sum([np.exp(q - top) for q in parts], axis=0))).astype(np.float32)
+        return logsumexp(parts, axis=0).astype(np.float32)
 
     def logits_for_arrays(self, images, tta: bool = False, batch_size: int = 64) -> np.ndarray:
         """Log averaged probabilities for uint8 images (N, S, S) preprocessed with the first member's preset.
@@ -203,7 +202,7 @@ def bundle_from_ensemble(ckpt: dict, device: str | torch.device = "cpu") -> Ense
         An `EnsembleBundle` (the `ModelBundle` interface); `model` is the first member's model.
     """
     members = [bundle_from_checkpoint(m, device) for m in ckpt["ensemble"]]
-    ws = list(ckpt.get("ensemble_weights") or [1.0 / len(members)] * len(members))
+    ws = member_weights(ckpt)
     if len(ws) != len(members):
         raise CxrlabError(f"ensemble checkpoint has {len(members)} members but {len(ws)} weights; rebuild it with cxrlab ensemble")
     first = members[0]

@@ -125,18 +125,19 @@ def _exported_members(ckpt: dict) -> list[tuple[dict, float]]:
     """(member checkpoint, weight) of an ensemble's members with a weight above 0; one preset for all, or an error."""
     from cxrlab.data.preprocess import Preprocess
 
-    members = ckpt["ensemble"]
-    weights = list(ckpt.get("ensemble_weights") or [1.0 / len(members)] * len(members))
+    from cxrlab.ensemble import member_weights
+
+    members, weights = ckpt["ensemble"], member_weights(ckpt)
     sources = list(ckpt.get("ensemble_sources") or [f"member {i}" for i in range(len(members))])
-    want = Preprocess.from_dict(ckpt.get("preprocess") or {"img_size": ckpt["img_size"]})
+    want = Preprocess.of_checkpoint(ckpt)
     for m, src in zip(members, sources):
-        got = Preprocess.from_dict(m.get("preprocess") or {"img_size": m["img_size"]})
+        got = Preprocess.of_checkpoint(m)
         if got != want:
             raise CxrlabError(f"ONNX export of an ensemble needs one preprocessing preset for all its members (the "
                               f"graph takes one image), but {src} uses {_preset(got)} and the ensemble {_preset(want)}; "
                               "export the members one by one (cxrlab export --checkpoint MEMBER.pt), or use the "
                               "ensemble .pt with predict, evaluate and serve")
-    return [(m, float(w)) for m, w in zip(members, weights) if w > 0]
+    return [(m, w) for m, w in zip(members, weights) if w > 0]
 
 
 def _preset(pre) -> str:
@@ -155,12 +156,12 @@ def onnx_metadata(ckpt: dict, quantization: str = "none") -> dict[str, str]:
     meta.update(thresholds=ckpt.get("thresholds") or {}, input=INPUT_DOC, quantization=quantization,
                 export_format=EXPORT_FORMAT, cxrlab_version=meta.get("cxrlab_version") or __version__)
     if ckpt.get("ensemble"):
-        n = len(ckpt["ensemble"])
-        weights = ckpt.get("ensemble_weights") or [1.0 / n] * n
-        sources = ckpt.get("ensemble_sources") or [None] * n
-        meta["ensemble"] = [{"architecture": m["model"]["name"], "weight": float(w),
+        from cxrlab.ensemble import member_weights
+
+        sources = ckpt.get("ensemble_sources") or [None] * len(ckpt["ensemble"])
+        meta["ensemble"] = [{"architecture": m["model"]["name"], "weight": w,
                              "temperature": float(m.get("temperature") or 1.0), "source": src}
-                            for m, w, src in zip(ckpt["ensemble"], weights, sources)]
+                            for m, w, src in zip(ckpt["ensemble"], member_weights(ckpt), sources)]
     return {k: json.dumps(meta.get(k)) for k in META_KEYS}
 
 
@@ -445,7 +446,7 @@ def quantize_int8(fp32: Path, out: Path, ckpt: dict, calib_data: str | None = No
     from cxrlab.data.preprocess import Preprocess
 
     n_hold = max(calib_count // 4, 2)
-    pre = Preprocess.from_dict(ckpt.get("preprocess") or {"img_size": ckpt["img_size"]})
+    pre = Preprocess.of_checkpoint(ckpt)
     images = calibration_images(int(ckpt["img_size"]), calib_data, calib_count + n_hold, pre=pre)
     calib, hold = images[: max(len(images) - n_hold, 1)], images[max(len(images) - n_hold, 1) :]
     pre_path = fp32.with_name("model.pre.onnx")
@@ -499,7 +500,7 @@ class OnnxBundle(BundleBase):
         meta = read_metadata(self.path)
         self.ckpt = {**meta, "model": {"name": meta.get("architecture"), "in_chans": meta.get("in_chans"),
                                         "num_classes": len(meta["class_names"])}, "onnx_path": str(self.path)}
-        self.pre = Preprocess.from_dict(meta.get("preprocess") or {"img_size": meta["img_size"]})
+        self.pre = Preprocess.of_checkpoint(meta)
         self.session = make_session(self.path, threads)
 
     def logits_for_arrays(self, images, tta: bool = False, batch_size: int = 64) -> np.ndarray:

@@ -90,7 +90,7 @@ def bundle_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> Mo
     model = build_model(ckpt, dev)
     in_chans = ckpt["model"]["in_chans"]
     spec = InputSpec(list(ckpt["mean"]), list(ckpt["std"]), in_chans)
-    return ModelBundle(ckpt, model, Preprocess.from_dict(ckpt.get("preprocess", {"img_size": ckpt["img_size"]})), spec, dev)
+    return ModelBundle(ckpt, model, Preprocess.of_checkpoint(ckpt), spec, dev)
 
 
 def full_fp32_on_cuda() -> None:

@@ -50,6 +50,11 @@ class Preprocess:
         """Inverse of `to_dict` (unknown keys ignored, so older checkpoints load)."""
         return cls(**{k: d[k] for k in ("img_size", "equalize", "crop_border", "clahe") if k in d})
 
+    @classmethod
+    def of_checkpoint(cls, ckpt: dict) -> "Preprocess":
+        """The preset stored in a checkpoint (or ONNX metadata) dict; older ones hold only `img_size`."""
+        return cls.from_dict(ckpt.get("preprocess") or {"img_size": ckpt["img_size"]})
+
     def same_pixels_at(self, other: "Preprocess") -> bool:
         """True when `other` differs at most in image size (its arrays are these, resized)."""
         return replace(other, img_size=self.img_size) == self
