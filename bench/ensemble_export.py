@@ -6,7 +6,8 @@ For an ensemble checkpoint (`cxrlab train --members K` or `cxrlab ensemble`) and
   its first member alone (fp32), and times the exports;
 - decodes the test split once with the ensemble's preset and runs every engine on the same arrays:
   PyTorch ensemble (the `.pt`), onnxruntime fp32 ensemble, onnxruntime int8 ensemble, and the first
-  member alone in PyTorch and onnxruntime fp32 and int8 (what one member costs), and the member's int8 as
+  member alone in PyTorch and onnxruntime fp32 and int8 (what one member costs), the member's int8 calibrated
+  on synthetic phantoms (`cxrlab export`'s default without --calib-data), and the member's int8 as
   cxrlab made it before: only the stem convolution fp32 (commit 3ec6382), and besides with calibration images
   only resized, not through the model's preset (before 3ec6382);
 - per engine: images/s at batch 64 (best of `--repeats` passes; every engine in the same run, so compare
@@ -105,6 +106,9 @@ def main() -> None:
         one, t_one = timed(lambda: export_onnx(tmp / "member0.pt", tmp / "member0.onnx"))
         one8 = export_onnx(tmp / "member0.pt", tmp / "member0.int8.onnx", quantize="int8", calib_data=calib,
                            calib_count=args.calib_count)
+        # cxrlab export's default without --calib-data: calibrated on synthetic phantoms
+        phantom8 = export_onnx(tmp / "member0.pt", tmp / "member0.int8-phantoms.onnx", quantize="int8",
+                               calib_count=args.calib_count)
         # the int8 of commit 3ec6382: only the stem convolution fp32
         stem8 = quantize_int8(Path(one.path), tmp / "member0.int8-stem.onnx", dict(ckpt["ensemble"][0]), calib,
                               args.calib_count, fp32_front=1)
@@ -114,7 +118,8 @@ def main() -> None:
                              args.calib_count, fp32_front=1)
         results["export_s"] = {"ensemble_fp32": round(t_fp32, 1), "ensemble_int8": round(t_int8, 1),
                                "member0_fp32": round(t_one, 1)}
-        results["int8_held_out_member0"] = {"now": one8.int8, "stem_only_fp32": stem8, "stem_only_resize_only": old8}
+        results["int8_held_out_member0"] = {"now": one8.int8, "phantoms": phantom8.int8,
+                                             "stem_only_fp32": stem8, "stem_only_resize_only": old8}
         results["parity_sample_images"] = fp32.parity
         results["int8_held_out"] = int8.int8
         engines = {"torch ensemble": ens_pt, "onnxruntime fp32 ensemble": load_onnx_bundle(fp32.path),
@@ -122,6 +127,7 @@ def main() -> None:
                    "torch member 0": bundle_for(load_checkpoint(tmp / "member0.pt"), "cpu"),
                    "onnxruntime fp32 member 0": load_onnx_bundle(one.path),
                    "onnxruntime int8 member 0": load_onnx_bundle(one8.path),
+                   "int8 member 0, calibrated on phantoms": load_onnx_bundle(phantom8.path),
                    "int8 member 0, only the stem fp32": load_onnx_bundle(tmp / "member0.int8-stem.onnx"),
                    "int8 member 0, stem fp32, resized calibration": load_onnx_bundle(tmp / "member0.int8-resize-only.onnx")}
         probs, rows = {}, {}

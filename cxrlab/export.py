@@ -57,6 +57,10 @@ FP32_FRONT = 3
 QUANT_SCHEME = ("int8 static QDQ: Conv/Clip/Add, per-channel weights, min-max; the first 3 convolutions from the "
                 "image and the classifier fp32")
 INPUT_DOC = "float32 (N, 1, S, S) grey values 0..255; normalisation and channel repeat are in the graph"
+# Below this argmax agreement with fp32 on the held-out images `cxrlab export --quantize int8` warns. A recipe-trained
+# Kermany EfficientNet-Lite0 changed 4.2% of its test decisions in int8 (docs/BENCHMARKS.md): more than a clinical
+# model should change silently.
+INT8_MIN_AGREEMENT = 0.97
 
 
 @dataclass
@@ -67,6 +71,7 @@ class ExportResult:
     parity: dict | None = None
     int8: dict | None = None
     meta: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _normalised_module(model, mean: list, std: list, in_chans: int):
@@ -349,9 +354,25 @@ def export_onnx(checkpoint, out: str | Path, opset: int = MIN_OPSET, check: bool
             _report_parity(result.parity, fp32, out)
         if quantize:
             result.int8 = quantize_int8(fp32, out, ckpt, calib_data, calib_count)
+            result.warnings = int8_warnings(result.int8, out)
         else:
             os.replace(fp32, out)
     return result
+
+
+def int8_warnings(q: dict, out: Path) -> list[str]:
+    """What a user must know before deploying an int8 file: calibration on phantoms, decisions that int8 changed."""
+    found = []
+    if q["source"] == "synthetic phantoms":
+        found.append("int8 was calibrated on synthetic phantoms (no --calib-data): its activation ranges and the "
+                     "agreement above come from phantoms, not radiographs. Pass --calib-data with a folder of the "
+                     "radiographs it will see (e.g. the training images)")
+    if q["argmax_agreement"] < INT8_MIN_AGREEMENT:
+        found.append(f"int8 changed {1 - q['argmax_agreement']:.1%} of the decisions of the fp32 model on "
+                     f"{q['n']} held-out images (agreement {q['argmax_agreement']:.3f} < {INT8_MIN_AGREEMENT}): "
+                     f"evaluate it on labelled images (cxrlab evaluate --checkpoint {out} --data DIR) before "
+                     f"deploying it, or deploy the fp32 export (cxrlab export without --quantize)")
+    return found
 
 
 def _export_fp32(model, ckpt: dict, path: Path, opset: int, exporter: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,8 +166,10 @@ def test_cli_export_int8(trained, tmp_path, capsys, monkeypatch):
     out = tmp_path / "m8.onnx"
     assert main(["export", "--checkpoint", str(pt), "--out", str(out), "--quantize", "int8",
                  "--calib-data", str(data / "train"), "--calib-count", "16", "--quiet"]) == 0
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
     assert "parity fp32" in text and "int8 vs fp32" in text and "argmax agreement" in text
+    assert "synthetic phantoms" not in cap.err  # calibrated on --calib-data: no phantom warning
     assert E.read_metadata(out)["quantization"].startswith("int8")
     fp32 = E.load_onnx_bundle(E.export_onnx(pt, tmp_path / "m.onnx", check=False).path, threads=1)
     int8 = E.load_onnx_bundle(out, threads=1)
@@ -284,14 +287,31 @@ def test_ensemble_int8(ensemble_pt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "ens8.onnx"
     assert main(["export", "--checkpoint", str(ensemble_pt), "--out", str(out), "--quantize", "int8",
                  "--calib-count", "32"]) == 0
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
     assert "ensemble of 2 (custom_cnn, resnet18) in one graph" in text and "int8 vs fp32" in text
+    # no --calib-data: the user is told that the ranges and the agreement come from phantoms, and what to pass
+    assert "warning: int8 was calibrated on synthetic phantoms" in cap.err and "--calib-data" in cap.err
     meta = E.read_metadata(out)
     assert meta["quantization"].startswith("int8") and len(meta["ensemble"]) == 2
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert "QuantizeLinear" in ops and "ReduceLogSumExp" in ops
+
+
+def test_int8_warnings():
+    """Known answers: phantom calibration and agreement below INT8_MIN_AGREEMENT warn, each with its fix."""
+    ok = {"source": "data/train", "argmax_agreement": 1.0, "n": 64}
+    assert E.int8_warnings(ok, Path("m.onnx")) == []
+    edge = {**ok, "argmax_agreement": E.INT8_MIN_AGREEMENT}
+    assert E.int8_warnings(edge, Path("m.onnx")) == []  # at the limit: no warning
+    low = {**ok, "argmax_agreement": 0.953125}
+    (w,) = E.int8_warnings(low, Path("out/m.onnx"))
+    assert "changed 4.7% of the decisions" in w and "64 held-out images" in w
+    assert "cxrlab evaluate --checkpoint out/m.onnx" in w and "without --quantize" in w
+    both = E.int8_warnings({**low, "source": "synthetic phantoms"}, Path("m.onnx"))
+    assert len(both) == 2 and "--calib-data" in both[0] and "phantoms" in both[0]
 
 
 def test_calibration_images_use_the_model_preset(trained):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,8 @@ def run(args) -> int:
         print(f"int8 vs fp32 on {q['n']} held-out images ({q['source']}; {q['calibration_images']} calibration): "
               f"argmax agreement {q['argmax_agreement']:.3f}, max |dprob| {q['max_abs_dprob']:.3g}, "
               f"mean |dprob| {q['mean_abs_dprob']:.3g}")
+    for w in r.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     m = r.meta
     what = m["architecture"]
     if m.get("ensemble"):
