@@ -34,8 +34,62 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder itself is unusable: the error below says why
+            pass
         raise CxrlabError(f"cannot write checkpoint {path}: {exc.strerror or exc}. Check free disk space and permissions") from exc
+
+
+def file_kind(path: str | Path) -> str:
+    """What a model file holds, by its content: "torch" (zip or legacy pickle), "onnx", "empty", "text" or "other"."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    if not head:
+        return "empty"
+    if _is_onnx(path):
+        return "onnx"
+    try:
+        head.decode("utf-8")
+        return "text" if b"\x00" not in head else "other"
+    except UnicodeDecodeError:
+        return "other"
+
+
+def _is_onnx(path: str | Path) -> bool:
+    try:
+        import onnx
+
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a protobuf DecodeError, or onnx missing: not an ONNX model we can tell
+        return False
+    return m.ir_version > 0 and len(m.graph.node) > 0
+
+
+def check_checkpoint_file(path: str | Path, command: str = "this command") -> Path:
+    """Refuse a --checkpoint that is missing, an ONNX model or no PyTorch file at all, before any work.
+
+    Args:
+        path: the file given as --checkpoint.
+        command: who needs the `.pt` file, for the message (e.g. "cxrlab calibrate").
+
+    Returns:
+        The path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CxrlabError(f"checkpoint '{path}' does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    kind = file_kind(path)
+    if kind == "onnx":
+        raise CxrlabError(f"'{path}' is an ONNX model; {command} needs the .pt checkpoint it was exported from "
+                          "(best.pt / last.pt of the run)")
+    if kind != "torch":
+        what = {"empty": "an empty file", "text": "a text file"}.get(kind, "an unknown binary file")
+        raise CxrlabError(f"'{path}' is not a PyTorch checkpoint ({what}), so not a readable checkpoint. Pass a "
+                          "best.pt/last.pt written by cxrlab train")
+    return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -48,9 +102,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     Returns:
         The checkpoint dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CxrlabError(f"checkpoint '{path}' does not exist")
+    path = check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign files

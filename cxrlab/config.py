@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +139,11 @@ class TrainConfig:
              f"--progressive-size is the early epochs' image size in pixels, e.g. 160 (0: off), got {self.progressive_size}"),
             (0 < self.progressive_frac < 1, f"--progressive-frac is the share of the epochs trained at --progressive-size, "
                                             f"in (0, 1) such as 0.5, got {self.progressive_frac}"),
+            (0 < self.val_fraction < 1, f"--val-fraction is the share of train/ carved out for validation when the "
+                                        f"data has no val/ split, in (0, 1) such as 0.15, got {self.val_fraction}"),
+            (self.group_regex is None or _regex_error(self.group_regex) is None,
+             f"--group-regex '{self.group_regex}' is not a regular expression ({_regex_error(self.group_regex or '')}); "
+             "e.g. '(person\\d+)_' takes the patient id from file names like person12_bacteria_3.jpeg"),
             (self.val_every >= 0, f"--val-every must be >= 0 (1: every epoch; 0: only the final one), got {self.val_every}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1) such as 0.998 (0: off), got {self.ema}"),
             (self.freeze_stages >= 0, f"--freeze-stages must be >= 0 (0: train every layer), got {self.freeze_stages}"),
@@ -166,7 +172,53 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise CxrlabError(f"unknown config keys: {', '.join(unknown)}. Valid keys: {', '.join(sorted(names))}")
-        return cls(**d)
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _typed(k, hints[k], v) for k, v in d.items()})
+
+
+def _regex_error(pattern: str) -> str | None:
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return str(exc)
+    return None
+
+
+def target_recall_classes(target_recall: dict, names: list[str]) -> dict[str, float]:
+    """--target-recall with each class written as the data names it (matched case-insensitively); an unknown class
+    is an error listing the valid ones."""
+    out = {}
+    for cls, recall in (target_recall or {}).items():
+        match = [n for n in names if n.lower() == str(cls).lower()]
+        if not match:
+            raise CxrlabError(f"--target-recall: unknown class '{cls}'; classes are {', '.join(names)}")
+        out[match[0]] = float(recall)
+    return out
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping (key: value)"}
+
+
+def _typed(key: str, hint, value):
+    """`value` as the field's type: numbers written as strings (YAML reads 1e-3 as a string) become floats, an
+    integer is a float too; anything else of the wrong type is an error naming the key."""
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    kind = kinds[0]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = (isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))) or \
+        (kind is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise CxrlabError(f"config key '{key}' must be {_KINDS.get(kind, kind.__name__)}"
+                          f"{' or null' if type(None) in typing.get_args(hint) else ''}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def save_yaml(cfg: TrainConfig, path: Path) -> None:
@@ -186,5 +238,8 @@ def load_yaml(path: str | Path) -> dict:
         raise CxrlabError(f"cannot read config '{path}': {exc}") from exc
     if not isinstance(d, dict):
         raise CxrlabError(f"config '{path}' must be a mapping of keys to values")
-    TrainConfig.from_dict(d)
+    try:
+        TrainConfig.from_dict(d)
+    except CxrlabError as exc:
+        raise CxrlabError(f"config '{path}': {exc}") from None
     return d

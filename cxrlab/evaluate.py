@@ -111,7 +111,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pat
         tta: flip test-time augmentation.
         adapt_bn: re-estimate BatchNorm statistics on the evaluated images first (see cxrlab.adapt).
         device: auto, cpu, cuda.
-        n_boot: bootstrap resamples.
+        n_boot: bootstrap resamples (at least 1).
         report: draw plots and report.html.
 
     Returns:
@@ -119,6 +119,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pat
     """
     from cxrlab.inference import load_model_bundle
 
+    if n_boot < 1:
+        raise CxrlabError(f"--bootstrap must be at least 1 (resamples for the 95% confidence intervals; default 1000), "
+                          f"got {n_boot}")
     bundle = load_model_bundle(checkpoint, device=device)
     samples, split = split_samples(data, split, manifest, bundle.ckpt["class_names"], checkpoint)
     paths = [s.path for s in samples]
@@ -150,18 +153,22 @@ def split_samples(data: str | Path, split: str, manifest: str | None, class_name
                   checkpoint) -> tuple[list, str]:
     """The labelled samples of one split (a flat folder of class folders is `all`; `test` falls back to it).
 
-    Raises CxrlabError when the split is missing or the data has classes the checkpoint does not know.
+    Only that split is checked: the other splits may lack classes. `checkpoint` names the checkpoint in
+    messages (its path; None: "the checkpoint").
+
+    Raises CxrlabError when the split is missing or has classes the checkpoint does not know.
     """
     from cxrlab.data.dataset import build_index
 
-    index = build_index(data, manifest, require=(), val_fraction=0)
+    index = build_index(data, manifest, require=(), val_fraction=0, check=(split, "all") if split == "test" else (split,))
     if split not in index.splits:
         if split == "test" and "all" in index.splits:
             split = "all"
         else:
             raise CxrlabError(f"'{data}' has no '{split}' split (it has: {', '.join(index.splits)}); pass --split")
-    _check_classes(class_names, index.class_names, checkpoint)
-    return index.splits[split], split
+    samples = index.splits[split]
+    _check_classes(class_names, sorted({s.label for s in samples}), checkpoint)
+    return samples, split
 
 
 def label_indices(samples: list, class_names: list[str]) -> np.ndarray:
@@ -178,8 +185,9 @@ def _check_classes(ckpt_names: list[str], data_names: list[str], checkpoint) -> 
     low = {n.lower() for n in ckpt_names}
     extra = [c for c in data_names if c.lower() not in low]
     if extra:
-        raise CxrlabError(f"the data has classes {', '.join(extra)} that checkpoint '{checkpoint}' does not know "
-                          f"(it was trained on {', '.join(ckpt_names)}); evaluate on a data set with the same classes")
+        which = f"checkpoint '{checkpoint}'" if checkpoint is not None else "the checkpoint"
+        raise CxrlabError(f"the data has classes {', '.join(extra)} that {which} does not know "
+                          f"(it was trained on {', '.join(ckpt_names)}); use a data set with the same classes")
 
 
 def sample_groups(samples: list, group_by: str | None) -> list[str] | None:

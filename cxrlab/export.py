@@ -174,7 +174,13 @@ def read_metadata(path: str | Path) -> dict:
     """The decoded cxrlab metadata of an ONNX file (without loading the weights into memory twice)."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends for foreign files
+        raise CxrlabError(f"'{path}' is not an ONNX model (it cannot be parsed as one: {type(exc).__name__}). Pass a "
+                          "FILE.onnx written by cxrlab export") from exc
+    if not m.graph.node:
+        raise CxrlabError(f"'{path}' is not an ONNX model (no graph in it). Pass a FILE.onnx written by cxrlab export")
     props = {p.key: p.value for p in m.metadata_props}
     if "class_names" not in props or "img_size" not in props:
         raise CxrlabError(f"'{path}' has no cxrlab metadata (class_names, img_size); export it with cxrlab export")
@@ -535,9 +541,14 @@ class OnnxBundle(BundleBase):
 
 def load_onnx_bundle(path: str | Path, threads: int | None = None) -> OnnxBundle:
     """Open an ONNX file written by `cxrlab export` for inference."""
+    from cxrlab.checkpoint import file_kind
+
     path = Path(path)
     if not path.is_file():
         raise CxrlabError(f"ONNX model '{path}' does not exist")
+    if file_kind(path) == "torch":
+        raise CxrlabError(f"'{path}' is not an ONNX model (it looks like a PyTorch checkpoint: rename it to .pt, or "
+                          "pass the .onnx file written by cxrlab export)")
     return OnnxBundle(path, threads)
 
 

@@ -100,6 +100,13 @@ def find_masked_images(data: str | Path, masks: str | Path, split: str, class_na
     from cxrlab.data.io import is_image_file
 
     data, masks = Path(data), Path(masks)
+    if not masks.is_dir():
+        raise CxrlabError(f"mask folder '{masks}' does not exist. Pass --masks DIR with one mask PNG per image, named "
+                          f"like it: DIR/{split}/<CLASS>/<stem>.png for {data}/{split}/<CLASS>/<stem>.* "
+                          f"(default DIR: {data}/masks, as `cxrlab synth --out DIR` writes)")
+    if not (data / split).is_dir():
+        what = f"'{data}' has no {split}/ folder" if data.is_dir() else f"data folder '{data}' does not exist"
+        raise CxrlabError(f"{what}; --score reads images from {data}/{split}/<CLASS>/ (pass --split, or --data with that layout)")
     found = []
     for cls in class_names:
         mdir = masks / split / cls

@@ -25,6 +25,7 @@ def calibrate_checkpoint(ckpt: dict, val_logits: np.ndarray, val_y: np.ndarray, 
     Returns:
         The checkpoint.
     """
+    from cxrlab.config import target_recall_classes
     from cxrlab.metrics import apply_temperature, choose_threshold, fit_temperature
 
     names = list(ckpt["class_names"])
@@ -38,13 +39,13 @@ def calibrate_checkpoint(ckpt: dict, val_logits: np.ndarray, val_y: np.ndarray, 
         ckpt["calibration_fitted_on"] = f"validation ({len(val_y)} images)"
     probs = apply_temperature(val_logits, float(ckpt.get("temperature", 1.0)))
     thresholds, ops = {}, {}
-    for cls, recall in (target_recall or {}).items():
-        match = [n for n in names if n.lower() == str(cls).lower()]
-        if not match:
-            raise CxrlabError(f"--target-recall: unknown class '{cls}'; classes are {', '.join(names)}")
-        res = choose_threshold(val_y, probs, names.index(match[0]), float(recall))
-        thresholds[match[0]] = float(res["threshold"])
-        ops[match[0]] = res
+    for cls, recall in target_recall_classes(target_recall, names).items():
+        if not (val_y == names.index(cls)).any():
+            raise CxrlabError(f"--target-recall {cls}: the calibration data have no {cls} images, so no "
+                              f"threshold can reach a recall on them; calibrate on a split that has some")
+        res = choose_threshold(val_y, probs, names.index(cls), recall)
+        thresholds[cls] = float(res["threshold"])
+        ops[cls] = res
     if thresholds:
         ckpt["thresholds"] = thresholds
         ckpt["operating_points_val"] = ops
@@ -70,13 +71,12 @@ def calibrate_on_split(ckpt: dict, data, split: str = "val", manifest: str | Non
     from cxrlab.evaluate import label_indices
     from cxrlab.inference import bundle_for
 
-    index = build_index(data, manifest, require=(), val_fraction=0)
+    index = build_index(data, manifest, require=(), val_fraction=0, check=(split,))
     if split not in index.splits:
         raise CxrlabError(f"'{data}' has no '{split}' split to calibrate on (it has: {', '.join(index.splits)}); "
                           f"pass --split, or a manifest whose split column marks the validation images")
     names = list(ckpt["class_names"])
-    known = {n.lower() for n in names}
-    samples = [s for s in index.splits[split] if s.label.lower() in known]
+    samples = _known_samples(index.splits[split], names, f"the {split} split of '{data}'")
     logits, ok, _ = bundle_for(ckpt, device).logits_for_files([s.path for s in samples])
     if not ok:
         raise CxrlabError(f"the {split} split of '{data}' has no readable images of the classes {', '.join(names)}")
@@ -87,6 +87,20 @@ def calibrate_on_split(ckpt: dict, data, split: str = "val", manifest: str | Non
     ckpt = calibrate_checkpoint(ckpt, logits, y, target_recall or {}, calibrate=True)
     ckpt["calibration_fitted_on"] = f"{split} split of {data} ({len(y)} images)"
     return ckpt
+
+
+def _known_samples(samples: list, names: list[str], where: str) -> list:
+    """The samples of the checkpoint's classes; an error when there are none, a warning for the others."""
+    known = {n.lower() for n in names}
+    kept = [s for s in samples if s.label.lower() in known]
+    other = sorted({s.label for s in samples if s.label.lower() not in known})
+    if not kept:
+        raise CxrlabError(f"the classes of {where} ({', '.join(other)}) are not the checkpoint's classes "
+                          f"({', '.join(names)}); calibrate on data labelled with the classes the model was trained on")
+    if other:
+        log.warning("%s: %d image(s) of classes the checkpoint does not know (%s) left out", where,
+                    len(samples) - len(kept), ", ".join(other))
+    return kept
 
 
 def finalize_run(run) -> dict:

@@ -103,11 +103,44 @@ def full_fp32_on_cuda() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
-def inference_device(device: str) -> str:
-    """`auto` -> CUDA when available, else CPU; any other name as given."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def inference_device(device: str | torch.device, option: str = "--device") -> str:
+    """`auto` -> CUDA when available, else CPU; any other name is checked (cpu, cuda, cuda:N, mps) and returned.
+
+    Commands call it before any work, so that a typo or a missing GPU fails with the option's name.
+    """
+    device = str(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise CxrlabError(f"{option} '{device}' is not a device; use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise CxrlabError(f"{option} {device}: no CUDA GPU is available here (torch {torch.__version__}); "
+                              f"use {option} cpu or auto")
+        if dev.index is not None and dev.index >= n:
+            raise CxrlabError(f"{option} {device}: only {n} CUDA GPU(s) here (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CxrlabError(f"{option} mps: Apple's MPS is not available here; use {option} cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise CxrlabError(f"{option} '{device}' is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def check_batch_size(batch_size: int, option: str = "--batch-size") -> int:
+    """Refuse a batch size below 1 before any work."""
+    if batch_size < 1:
+        raise CxrlabError(f"{option} must be >= 1, got {batch_size}")
+    return batch_size
+
+
+def warn_onnx_device(device: str, path) -> None:
+    """ONNX models run with onnxruntime on the CPU: say so when another --device was asked for."""
+    if str(device) not in ("auto", "cpu"):
+        log.warning("--device %s is ignored for the ONNX model %s: it runs with onnxruntime on the CPU "
+                    "(pass the .pt checkpoint to run on %s)", device, path, device)
 
 
 def bundle_for(ckpt: dict, device: str = "auto") -> ModelBundle:
@@ -122,12 +155,15 @@ def bundle_for(ckpt: dict, device: str = "auto") -> ModelBundle:
 
 def load_model_bundle(path: str | Path, device: str = "auto") -> ModelBundle:
     """Load a checkpoint for inference (device `auto`: CUDA when available, else CPU)."""
-    from cxrlab.checkpoint import load_checkpoint
+    from cxrlab.checkpoint import file_kind, load_checkpoint
 
     path = Path(path)
+    if path.suffix.lower() != ".onnx" and path.is_file() and file_kind(path) == "onnx":
+        raise CxrlabError(f"'{path}' is an ONNX model named like a PyTorch checkpoint: rename it to .onnx")
     if path.suffix.lower() == ".onnx":
         from cxrlab.export import load_onnx_bundle
 
+        warn_onnx_device(device, path)
         return load_onnx_bundle(path)
     return bundle_for(load_checkpoint(path, map_location="cpu"), device)
 

@@ -254,4 +254,4 @@ def ensemble_members(cfgs: list[TrainConfig], out: Path) -> dict:
         return {}
     has_source = any(s.source for s in index.splits["test"])
     return evaluate_checkpoint(out / "best.pt", cfg.data, out, split="test", manifest=cfg.manifest,
-                               group_by="source" if has_source else None, device=device)
+                               group_by="source" if has_source else None, device=device, report=cfg.report)

@@ -133,7 +133,8 @@ def _stats(rows: list[dict], probs: dict[str, np.ndarray], area: float, n_classe
 
 def look_regions(checkpoint, data, out=None, *, split: str = "test", manifest: str | None = None,
                  group_by: str | None = None, n: int | None = 1000, seed: int = 0, frame: float = FRAME,
-                 method: str = "gradcam", examples: int = 8, batch_size: int = 32, device: str = "auto") -> dict:
+                 method: str = "gradcam", examples: int = 8, batch_size: int = 32, device: str = "auto",
+                 checkpoint_name: str | Path | None = None) -> dict:
     """Grad-CAM mass by region and decisions from the frame alone, for a labelled split (see the module doc).
 
     Args:
@@ -150,6 +151,8 @@ def look_regions(checkpoint, data, out=None, *, split: str = "test", manifest: s
         examples: overlays per montage (group x class); 0 for none.
         batch_size: images explained at a time.
         device: auto, cpu, cuda.
+        checkpoint_name: how messages name the checkpoint, e.g. its path when `checkpoint` is a loaded bundle
+            (default: the path when `checkpoint` is one).
 
     Returns:
         {method, split, frame, frame_area, corner_area, n, subset, overall, per_class, per_group,
@@ -167,7 +170,7 @@ def look_regions(checkpoint, data, out=None, *, split: str = "test", manifest: s
     names = bundle.class_names
     side = bundle.pre.img_size
     masks = region_masks(side, frame)
-    where = checkpoint if isinstance(checkpoint, (str, Path)) else "the checkpoint"
+    where = checkpoint_name or (checkpoint if isinstance(checkpoint, (str, Path)) else None)
     imgs = labelled_images(bundle, where, data, split, manifest, n, seed)
     if len(imgs.arrays) == 0:
         raise CxrlabError(f"no readable images in the {split} split of '{data}'")

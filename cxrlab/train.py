@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrlab.config import TrainConfig, save_yaml
+from cxrlab.config import TrainConfig, save_yaml, target_recall_classes
 from cxrlab.data.dataset import DataIndex, build_index
 from cxrlab.data.preprocess import Preprocess
 from cxrlab.engine import (ArrayData, EarlyStopping, InputSpec, StepConfig, Timer, average_buffers,
                            epoch_metrics, predict_logits, recalibrate_batchnorm, resolve_amp, train_one_epoch,
                            weight_ema)
 from cxrlab.errors import CxrlabError
+from cxrlab.outputs import RUN_FILES, check_output_dir
 from cxrlab.progressive import cost_fraction, epoch_size, more_epochs_that_fit
 from cxrlab.training_setup import (AUTO_FREEZE_BELOW_EPOCHS, AUTO_FREEZE_STRIDE, FORWARD_COST, PROBE_MAX_IMAGES,
                                    augment_config, build_criterion, build_optimizer, build_scheduler, epochs_that_fit,
@@ -49,19 +50,31 @@ class SplitData:
     samples: list
 
 
-def check_output_dir(out: Path, need_bytes: int) -> None:
-    """Fail up front when the run folder is not writable or the disk is too full."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as exc:
-        raise CxrlabError(f"cannot write to the output folder '{out}': {exc.strerror or exc}. Choose another --out") from exc
-    free = shutil.disk_usage(out).free
-    if free < need_bytes:
-        raise CxrlabError(f"only {free / 1e6:.0f} MB free in '{out}', a run needs about {need_bytes / 1e6:.0f} MB "
-                          "(checkpoints); free space or choose another --out")
+# What a training run (or an ensemble of members) writes into its folder: --overwrite removes these, and only these.
+RUN_OUTPUTS = ("config.yaml", "history.csv", "train.log", "best.pt", "last.pt", "metrics.json", "predictions.csv",
+               "classification_report.txt", "data_summary.json", "report.html", "members.json", "history.png",
+               "confusion.png", "roc.png", "pr.png", "reliability.png", "samples.png", "per_class.png")
+RUN_OUTPUT_DIRS = ("cam",)  # Grad-CAM overlays per epoch (--cam-every); ensembles add memberI/
+
+
+def guard_run_folder(out: Path, resume: bool, overwrite: bool, remove: bool = True) -> None:
+    """Refuse to train over an earlier run in `out` (its checkpoints, log and report would be mixed with or replaced
+    by the new run's) unless --resume continues it or --overwrite replaces it; --overwrite removes its files first
+    (`remove=False`: only the check, for all but one of several processes)."""
+    found = [name for name in RUN_FILES if (out / name).is_file()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise CxrlabError(f"'{out}' already holds a training run ({', '.join(found)}); --resume continues it, "
+                          "--overwrite replaces it (its checkpoints, log and report are deleted), or choose another --out")
+    if not remove:
+        return
+    log.info("--overwrite: removing the earlier run in %s", out)
+    for name in RUN_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    for d in [*(out / n for n in RUN_OUTPUT_DIRS), *out.glob("member[0-9]*")]:
+        if d.is_dir():
+            shutil.rmtree(d)
 
 
 def load_split(index: DataIndex, split: str, pre: Preprocess, cfg: TrainConfig, progress: bool) -> SplitData:
@@ -157,6 +170,7 @@ class Run:
         for note in self.index.notes:
             log.info("%s", note)
         _leak_check(self.index, cfg)
+        target_recall_classes(cfg.target_recall, self.index.class_names)  # before training, not after it
         self.splits = {}
         for split in ("train", "val", "test"):
             if split in self.index.splits:
@@ -192,7 +206,7 @@ class Run:
             log.info("stem and first %d stage(s) fixed (%s): %.2fM of %.2fM parameters train", self.frozen_stages,
                      "--auto-freeze" if cfg.auto_freeze else "--freeze-stages", (n_params - n_fixed) / 1e6, n_params / 1e6)
         if self.dist.main:
-            check_output_dir(self.out, need_bytes=n_params * 4 * 5 + 50_000_000)
+            check_output_dir(self.out, "--out", need_bytes=n_params * 4 * 5 + 50_000_000)  # checkpoints
         if cfg.sync_bn and self.dist.world > 1 and self.device.type != "cuda":
             log.warning("--sync-bn ignored: PyTorch's SyncBatchNorm runs on CUDA GPUs only; on %s each process "
                         "keeps its own BatchNorm batch statistics", self.device.type)
@@ -666,6 +680,11 @@ def fit(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
 
             result.update(finalize_run(run))
         return result
+    except Exception as exc:
+        if handler is not None:  # into train.log only: the console gets the error from the caller
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed: %s: %s",
+                                          (type(exc).__name__, exc), None))
+        raise
     finally:
         if handler is not None:
             detach_log_file(handler)
@@ -679,7 +698,7 @@ def _attach_log_file(run: Run):
     if not run.dist.main:
         logging.getLogger("cxrlab").setLevel(logging.WARNING)
         return None
-    check_output_dir(run.out, need_bytes=0)
+    check_output_dir(run.out)
     return attach_log_file(run.out / "train.log")
 
 

@@ -27,20 +27,20 @@ def run(args: argparse.Namespace) -> int:
     from cxrlab.audit import DEFAULT_NEAR_THRESHOLD, audit, format_summary
     from cxrlab.data.dataset import scan
     from cxrlab.errors import CxrlabError
+    from cxrlab.outputs import check_output_file
 
     threshold = DEFAULT_NEAR_THRESHOLD if args.near_threshold is None else args.near_threshold
     if not -1 <= threshold <= 64:
         raise CxrlabError(f"--near-threshold {threshold}: use a Hamming distance between 0 and 64 (-1 disables)")
     if args.manifest is None and not Path(args.data).exists():
         raise CxrlabError(f"--data '{args.data}' does not exist; pass the data folder or a CSV manifest")
+    out = check_output_file(args.out)
     samples = scan(args.data, args.manifest)
     if not samples:
         raise CxrlabError(f"no images found under '{args.data}' (expected ROOT/train/<CLASS>/*.png, ROOT/<CLASS>/*.png "
                           "or a CSV manifest)")
     report = audit(samples, near_threshold=threshold, workers=args.workers, progress=not args.quiet)
     report["data"] = str(args.data)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print("\n".join(format_summary(report)))
     print(f"full report: {out}")

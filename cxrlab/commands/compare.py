@@ -35,6 +35,7 @@ def run(args) -> int:
     from cxrlab.commands.train import parse_target_recall
     from cxrlab.compare import compare_models
     from cxrlab.config import TrainConfig, load_yaml
+    from cxrlab.outputs import check_output_dir
     from cxrlab.recipes import with_recipe
 
     base = load_yaml(args.config) if args.config else {}
@@ -44,6 +45,7 @@ def run(args) -> int:
     if args.target_recall:
         base["target_recall"] = parse_target_recall(args.target_recall)
     TrainConfig.from_dict(with_recipe(base))  # unknown config keys and recipes fail before any training
+    check_output_dir(args.out)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows = compare_models(args.data, models, args.out, budget_min=args.budget_min, epochs=args.epochs,
                           img_size=args.img_size, batch_size=args.batch_size, base=base, progress=not args.quiet)

@@ -18,7 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from cxrlab.demo import run_demo
+    from cxrlab.outputs import check_output_dir
 
+    check_output_dir(args.out)
     s = run_demo(args.out, per_class=args.per_class, size=args.size, model=args.model, epochs=args.epochs,
                  seed=args.seed, progress=not args.quiet)
     print(f"\ncxrlab demo finished in {s['seconds']:.0f} s")

@@ -19,15 +19,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cxrlab.checkpoint import save_checkpoint
+    from cxrlab.checkpoint import check_checkpoint_file, save_checkpoint
+    from cxrlab.commands.train import parse_target_recall
     from cxrlab.ensemble import build_ensemble, calibrate_ensemble, parse_weights
     from cxrlab.errors import CxrlabError
-
-    from cxrlab.commands.train import parse_target_recall
+    from cxrlab.inference import inference_device
+    from cxrlab.outputs import check_output_file
 
     recall = parse_target_recall(args.target_recall)
     if recall and not args.calibrate_data:
         raise CxrlabError("--target-recall needs --calibrate-data (the labelled data to choose the thresholds on)")
+    for path in args.checkpoints:
+        check_checkpoint_file(path, "cxrlab ensemble")
+    if args.calibrate_data:
+        inference_device(args.device)
+    check_output_file(args.out)
     ckpt = build_ensemble(args.checkpoints, parse_weights(args.weights, len(args.checkpoints)))
     if args.calibrate_data:
         ckpt = calibrate_ensemble(ckpt, args.calibrate_data, args.calibrate_split, args.manifest, recall, args.device)

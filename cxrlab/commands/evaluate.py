@@ -22,8 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cxrlab.evaluate import evaluate_checkpoint
+    from pathlib import Path
 
+    from cxrlab.evaluate import evaluate_checkpoint
+    from cxrlab.inference import inference_device
+    from cxrlab.outputs import check_not_run_folder, check_output_dir
+
+    inference_device(args.device)
+    check_not_run_folder(args.out, instead=f"eval_{Path(args.data).stem or 'data'}")
+    check_output_dir(args.out)
     m = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split, manifest=args.manifest,
                             group_by=args.group_by, tta=args.tta, adapt_bn=args.adapt_bn, device=args.device, n_boot=args.bootstrap,
                             report=not args.no_report)

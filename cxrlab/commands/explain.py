@@ -73,10 +73,14 @@ def _check(args) -> None:
 
 def run(args) -> int:
     """Explain images (exit 0 when at least one succeeded) or score faithfulness."""
-    from cxrlab.inference import load_model_bundle
+    from cxrlab.checkpoint import check_checkpoint_file
+    from cxrlab.inference import inference_device, load_model_bundle
+    from cxrlab.outputs import check_output_dir
 
     _check(args)
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "explain"
+    check_checkpoint_file(args.checkpoint, "cxrlab explain (Grad-CAM)")
+    inference_device(args.device)
+    out = check_output_dir(Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "explain")
     bundle = load_model_bundle(args.checkpoint, device=args.device)
     if args.score:
         return _score(args, bundle, out)
@@ -108,7 +112,8 @@ def _regions(args, bundle, out: Path) -> int:
     from cxrlab.regions import format_summary, look_regions
 
     res = look_regions(bundle, args.data, out, split=args.split, manifest=args.manifest, group_by=args.group_by,
-                       n=args.n, seed=args.seed, frame=args.frame, method=args.method, examples=args.examples)
+                       n=args.n, seed=args.seed, frame=args.frame, method=args.method, examples=args.examples,
+                       checkpoint_name=args.checkpoint)
     print(format_summary(res))
     print(f"-> {out / 'regions.json'}, regions.csv" + (f" and {len(res['montages'])} montage(s)" if res["montages"] else ""))
     return 0

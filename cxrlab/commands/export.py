@@ -21,8 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from cxrlab.checkpoint import check_checkpoint_file
     from cxrlab.export import export_onnx
+    from cxrlab.outputs import check_output_file
 
+    check_checkpoint_file(args.checkpoint, "cxrlab export")
+    check_output_file(args.out, suffixes=(".onnx",))
     r = export_onnx(args.checkpoint, args.out, opset=args.opset, check=not args.no_check, quantize=args.quantize,
                     calib_data=args.calib_data, calib_count=args.calib_count, exporter=args.exporter)
     if r.parity:

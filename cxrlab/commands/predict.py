@@ -16,19 +16,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from cxrlab.inference import check_batch_size
+    from cxrlab.outputs import check_output_file
     from cxrlab.predict import predict_paths, write_rows
 
-    if args.engine == "onnx" and not args.checkpoint.lower().endswith(".onnx"):
-        from cxrlab.export import bundle_via_onnx
-
-        bundle = bundle_via_onnx(args.checkpoint)
-    else:
-        from cxrlab.inference import load_model_bundle
-
-        bundle = load_model_bundle(args.checkpoint, device=args.device)
+    check_batch_size(args.batch_size)
+    if args.output:
+        check_output_file(args.output, "--output", suffixes=(".csv", ".json"))
+    bundle = _load(args)
     rows = predict_paths(bundle, args.inputs, tta=args.tta, batch_size=args.batch_size, progress=not args.quiet)
     write_rows(rows, args.output, bundle.class_names)
     bad = sum(r["error"] is not None for r in rows)
     if args.output:
         print(f"{len(rows) - bad} image(s) predicted, {bad} unreadable -> {args.output}")
     return 0 if bad < len(rows) else 1
+
+
+def _load(args):
+    """The bundle of --checkpoint for --engine (default: by file type) and --device."""
+    from cxrlab.errors import CxrlabError
+    from cxrlab.inference import inference_device, load_model_bundle, warn_onnx_device
+
+    is_onnx = args.checkpoint.lower().endswith(".onnx")
+    if is_onnx and args.engine == "torch":
+        raise CxrlabError(f"--engine torch needs the .pt checkpoint; '{args.checkpoint}' is an exported ONNX model, "
+                          "which runs with onnxruntime (drop --engine, or pass the .pt it was exported from)")
+    if is_onnx or args.engine == "onnx":
+        warn_onnx_device(args.device, args.checkpoint)
+    else:
+        inference_device(args.device)
+    if args.engine == "onnx" and not is_onnx:
+        from cxrlab.export import bundle_via_onnx
+
+        return bundle_via_onnx(args.checkpoint)
+    return load_model_bundle(args.checkpoint, device="cpu" if is_onnx else args.device)

@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
         Exit code 0.
     """
     from cxrlab.data.synth import generate
+    from cxrlab.outputs import check_output_dir
 
+    check_output_dir(args.out)
     counts = generate(args.out, per_class=args.per_class, size=args.size, seed=args.seed, overwrite=args.overwrite)
     total = sum(sum(c.values()) for c in counts.values())
     log.info("wrote %d phantom images (%dx%d px, seed %d) to %s", total, args.size, args.size, args.seed, args.out)

@@ -120,6 +120,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last.pt, with the settings of its config.yaml (options given "
                         "now override them, e.g. --epochs to train longer)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out (its checkpoints, log, report and member folders are deleted "
+                        "first); without it a folder holding a run is refused")
     p.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun (DistributedDataParallel)")
     p.add_argument("--members", type=int, default=None, metavar="K",
                    help="train an ensemble: K models (seeds S, S+1000, ...) on one validation carve, each in OUT/memberI/, "
@@ -243,17 +246,22 @@ def run(args) -> int:
             print(f"{name:22s} {model_spec(name).description}")
         return 0
     members, parallel = _ensemble_args(args)
+    cfg = config_from_args(args)  # bad options fail before processes start or an earlier run is touched
+    from pathlib import Path
+
+    from cxrlab.train import guard_run_folder
+
+    # under torchrun every process checks, and only rank 0 removes an earlier run with --overwrite
+    guard_run_folder(Path(cfg.out), args.resume, args.overwrite, remove=os.environ.get("RANK", "0") == "0")
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from cxrlab.training_setup import check_gpus_for_processes
 
-        cfg = config_from_args(args)  # fail fast on bad options before starting processes
         check_gpus_for_processes(args.nproc, cfg.device)
         return _launch_torchrun(args)
     if members > 1:
-        return _run_members(args, members, parallel)
+        return _run_members(cfg, args, members, parallel)
     from cxrlab.train import fit
 
-    cfg = config_from_args(args)
     result = fit(cfg, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {result['run_dir']}")
@@ -271,7 +279,7 @@ def _ensemble_args(args) -> tuple[int, int]:
     from cxrlab.members import PARALLEL_NEEDS_MEMBERS, check_members, load_state
 
     saved = load_state(Path(args.out or TrainConfig.out)) if args.resume else {}
-    members = args.members or saved.get("members") or 1
+    members = args.members if args.members is not None else saved.get("members") or 1
     parallel = args.parallel or saved.get("parallel") or 1
     if members == 1 and args.members is None:
         if args.parallel:
@@ -283,10 +291,9 @@ def _ensemble_args(args) -> tuple[int, int]:
     return members, parallel
 
 
-def _run_members(args, members: int, parallel: int) -> int:
+def _run_members(cfg, args, members: int, parallel: int) -> int:
     from cxrlab.members import fit_members
 
-    cfg = config_from_args(args)
     result = fit_members(cfg, members, parallel, resume=args.resume, progress=not args.quiet and parallel == 1)
     print(f"ensemble folder: {result['run_dir']} ({members} members)")
     for m in result["members"]:

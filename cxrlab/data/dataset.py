@@ -153,7 +153,8 @@ def canonical_classes(samples: list[Sample]) -> dict[str, str]:
 
 
 def build_index(data: str | Path, manifest: str | Path | None = None, *, val_fraction: float = 0.15,
-                seed: int = 0, group_regex: str | None = None, require: tuple[str, ...] = ("train",)) -> DataIndex:
+                seed: int = 0, group_regex: str | None = None, require: tuple[str, ...] = ("train",),
+                check: tuple[str, ...] | None = None) -> DataIndex:
     """Scan a data set, unify class names and make sure the splits are usable.
 
     Args:
@@ -164,6 +165,8 @@ def build_index(data: str | Path, manifest: str | Path | None = None, *, val_fra
         group_regex: regex whose first group (or whole match) on the file name is the patient id;
             one patient never lands in two splits.
         require: splits that must exist (``("train",)`` for training, ``()`` to accept a flat set).
+        check: the splits that will be used, whose classes are checked (default: every split). A class
+            missing from train or val is an error when training (`require` holds train), else a warning.
 
     Returns:
         The `DataIndex`.
@@ -178,12 +181,13 @@ def build_index(data: str | Path, manifest: str | Path | None = None, *, val_fra
     for s in samples:
         splits[s.split].append(s)
     class_names = sorted(set(canon.values()))
+    csv_file = _manifest_file(data, manifest)
     if len(class_names) < 2:
-        raise CxrlabError(f"'{data}' has only one class ({class_names[0]}); a classifier needs at least two class folders")
+        raise CxrlabError(_one_class_message(Path(data), class_names[0], csv_file))
     index = DataIndex(class_names, dict(splits), Path(data))
     if "all" in index.splits and "train" in require:
         index.splits["train"] = index.splits.pop("all")
-    _check_splits(index, require)
+    _check_splits(index, require, index.splits if check is None else check, csv_file)
     if "train" in index.splits and "val" not in index.splits and val_fraction > 0:
         index.splits["train"], index.splits["val"] = carve_validation(index.splits["train"], val_fraction, seed)
         index.notes.append(f"no val/ split: carved {len(index.splits['val'])} validation images out of train "
@@ -200,18 +204,47 @@ def _group_of(path: Path, regex: str | None) -> str | None:
     return m.group(1) if m.groups() else m.group(0)
 
 
-def _check_splits(index: DataIndex, require: tuple[str, ...]) -> None:
+def _manifest_file(data: str | Path, manifest: str | Path | None) -> Path | None:
+    """The CSV manifest the samples came from (None: a folder layout)."""
+    if manifest is not None:
+        return Path(manifest)
+    return Path(data) if Path(data).suffix.lower() == ".csv" else None
+
+
+def _one_class_message(data: Path, found: str, csv_file: Path | None) -> str:
+    msg = f"'{data}' has only one class ({found}); a classifier needs at least two"
+    if csv_file is not None:
+        return f"{msg}: add rows with another label to manifest '{csv_file}'"
+    empty = _empty_class_folders(data, {found.lower()})
+    if empty:
+        return (f"{msg}. Class folder(s) {', '.join(empty)} of '{data}' hold no images "
+                f"(.png, .jpg, .dcm, ...): add images to them")
+    return f"{msg}: add a folder of images per class"
+
+
+def _empty_class_folders(data: Path, found: set[str]) -> list[str]:
+    """Class folders (``CLASS`` or ``split/CLASS``) of a folder layout that hold no images of a class not `found`."""
+    split_dirs = [p for p in _class_dirs(data) if p.name.lower() in SPLITS] or [data]
+    return [str(c.relative_to(data)) for sd in split_dirs for c in _class_dirs(sd)
+            if c.name.lower() not in found and not _list_images(c)]
+
+
+def _check_splits(index: DataIndex, require: tuple[str, ...], check, csv_file: Path | None) -> None:
     for sp in require:
         if sp not in index.splits:
-            raise CxrlabError(f"'{index.root}' has no {sp}/ split. Expected {index.root}/{sp}/<CLASS>/*")
-    for sp, ss in index.splits.items():
-        if not ss:
-            raise CxrlabError(f"split '{sp}' of '{index.root}' is empty")
-        counts = Counter(s.label for s in ss)
+            where = (f"rows with split {sp} in manifest '{csv_file}'" if csv_file is not None
+                     else f"{index.root}/{sp}/<CLASS>/*")
+            raise CxrlabError(f"'{index.root}' has no {sp} split. Expected {where}")
+    for sp in (sp for sp in check if sp in index.splits):
+        counts = Counter(s.label for s in index.splits[sp])
         missing = [c for c in index.class_names if counts[c] == 0]
-        if missing and sp in ("train", "val"):
+        if missing and sp in ("train", "val") and "train" in require:
+            fix = (f"Add rows with split {sp} and that label to manifest '{csv_file}', or remove that label's rows"
+                   if csv_file is not None else
+                   f"Add images to {index.root}/{sp}/{missing[0] if len(missing) == 1 else '<CLASS>'}/, "
+                   "or remove that class's folders from every split")
             raise CxrlabError(f"class {', '.join(missing)} has no images in the {sp} split of '{index.root}' "
-                              f"(classes found elsewhere: {', '.join(index.class_names)}). Add images or remove the class folder.")
+                              f"(classes found elsewhere: {', '.join(index.class_names)}). {fix}.")
         if missing:
             log.warning("class %s has no images in the %s split", ", ".join(missing), sp)
 
