@@ -255,8 +255,11 @@ def freeze_stages(model: nn.Module, n: int, name: str) -> frozenset:
 
     Their weights get no gradients (so the backward pass stops before them, which makes a step cheaper)
     and their BatchNorm layers normalise with their running statistics in training too (a forward
-    pre-hook puts the stage back in eval mode whenever `model.train()` switched it); precise BN still
-    re-estimates those statistics, with the same fixed weights.
+    pre-hook puts the stage back in eval mode whenever `model.train()` switched it). Precise BN then
+    re-estimates the fixed stages' statistics with the same fixed weights, but not the stem's own BatchNorm:
+    the hook sits on that layer itself, so it stays in eval mode after precise BN's reset and normalises
+    with (0, 1) — measured better than re-estimating it on four Kermany seeds (docs/BENCHMARKS.md, "The
+    stem's BatchNorm"); tests/test_models.py pins it.
 
     Args:
         model: the model (unwrapped).
