@@ -42,7 +42,7 @@ def adapt_batchnorm(bundle, arrays: np.ndarray, n: int = 1024, batch_size: int =
     Returns:
         The number of images the statistics were measured on.
     """
-    from cxrlab.engine import recalibrate_batchnorm
+    from cxrlab.engine import recalibrate_batchnorm, unnormalised_batchnorms
 
     if not hasattr(bundle, "model") or bundle.ckpt.get("ensemble"):
         raise CxrlabError("BatchNorm adaptation needs a PyTorch checkpoint (best.pt); adapt each ensemble member "
@@ -50,12 +50,16 @@ def adapt_batchnorm(bundle, arrays: np.ndarray, n: int = 1024, batch_size: int =
     if len(arrays) < MIN_IMAGES:
         raise CxrlabError(f"BatchNorm adaptation needs at least {MIN_IMAGES} readable images from the new site; "
                           f"{where} gave {len(arrays)}")
+    # a BatchNorm that training left at (0, 1) stays so: re-estimating the stem of a --freeze-stages model on the
+    # Kermany test images cost 2 points of accuracy (0.918 -> 0.897) and 0.022 AUC (docs/BENCHMARKS.md)
+    keep = unnormalised_batchnorms(bundle.model)
     used = recalibrate_batchnorm(bundle.model, torch.as_tensor(np.asarray(arrays)), bundle.spec, bundle.device,
-                                 n=n, batch_size=batch_size, seed=seed)
+                                 n=n, batch_size=batch_size, seed=seed, keep=keep)
     bundle.model.eval()
     if used == 0:
         raise CxrlabError(f"model {bundle.ckpt['model']['name']} has no BatchNorm layers: there is nothing to adapt")
-    log.info("BatchNorm statistics re-estimated on %d images from %s", used, where)
+    log.info("BatchNorm statistics re-estimated on %d images from %s%s", used, where,
+             f" ({len(keep)} layer(s) left unnormalised, as trained)" if keep else "")
     return used
 
 

@@ -489,8 +489,19 @@ class Timer:
 
 
 @torch.no_grad()
+def unnormalised_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers whose running statistics are exactly mean 0 and variance 1 while others' are not: left so by
+    training's precise BN (the stem's own BatchNorm under --freeze-stages, see `cxrlab.training_setup.freeze_stages`).
+    A model whose every BatchNorm is so never measured any: none is returned."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+           and m.running_mean is not None]
+    unit = [m for m in bns if not m.running_mean.any() and bool((m.running_var == 1).all())]
+    return unit if len(unit) < len(bns) else []
+
+
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device,
-                          n: int = 1024, batch_size: int = 64, seed: int = 0, amp: str = "off") -> int:
+                          n: int = 1024, batch_size: int = 64, seed: int = 0, amp: str = "off",
+                          keep: list[nn.Module] = ()) -> int:
     """"Precise BN": re-estimate BatchNorm running statistics with the current weights on clean images.
 
     The running averages kept during training mix statistics of many past weights and of augmented
@@ -507,11 +518,14 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, spec: InputSpe
         batch_size: batch for the forward passes.
         seed: seed of the subset.
         amp: precision of the forward passes.
+        keep: BatchNorm layers left as they are (they normalise with their own statistics meanwhile).
 
     Returns:
         The number of images used (0 when the model has no BatchNorm).
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    kept = {id(m) for m in keep}
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+           and id(m) not in kept]
     if not bns or n <= 0:
         return 0
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]

@@ -114,3 +114,33 @@ def test_adapt_cli_reports_and_fails_cleanly(tiny_run, synth_dir, tmp_path):
                           str(tiny_run / "best.pt"), "--out", str(tmp_path / "v.pt")], capture_output=True, text=True,
                          env=ENV)
     assert bad.returncode != 0 and "at least 32" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_batchnorm_left_unnormalised_by_training_stays_so(tiny_run, synth_dir, tmp_path):
+    """A BatchNorm whose statistics are exactly (0, 1) while others' are measured (the stem of a --freeze-stages
+    model after precise BN) keeps them through adaptation; the others are re-estimated. A model whose every
+    BatchNorm is (0, 1) never measured any, and all of them are re-estimated."""
+    from cxrlab.adapt import adapt_checkpoint
+    from cxrlab.checkpoint import load_checkpoint, save_checkpoint
+    from cxrlab.engine import unnormalised_batchnorms
+    from cxrlab.models import create_model
+
+    ck = load_checkpoint(tiny_run / "best.pt")
+    sd = ck["state_dict"]
+    bn_keys = sorted(k[: -len(".running_mean")] for k in sd if k.endswith(".running_mean"))
+    first, rest = bn_keys[0], bn_keys[1:]
+    assert rest
+    sd[f"{first}.running_mean"].zero_()
+    sd[f"{first}.running_var"].fill_(1.0)
+    save_checkpoint(ck, tmp_path / "stem01.pt")
+    site = _new_site(synth_dir / "train", tmp_path / "site")
+    adapt_checkpoint(tmp_path / "stem01.pt", [str(site)], tmp_path / "site.pt", device="cpu")
+    new = load_checkpoint(tmp_path / "site.pt")["state_dict"]
+    assert not new[f"{first}.running_mean"].any() and bool((new[f"{first}.running_var"] == 1).all())
+    assert all(not torch.equal(new[f"{k}.running_mean"], sd[f"{k}.running_mean"]) for k in rest)
+
+    fresh = create_model("resnet18", num_classes=2)  # every BatchNorm at its initial (0, 1)
+    assert unnormalised_batchnorms(fresh) == []
+    fresh.bn1.running_mean.fill_(0.1)
+    assert len(unnormalised_batchnorms(fresh)) == len([m for m in fresh.modules()
+                                                       if isinstance(m, torch.nn.BatchNorm2d)]) - 1
