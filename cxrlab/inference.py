@@ -129,6 +129,13 @@ def inference_device(device: str | torch.device, option: str = "--device") -> st
     return device
 
 
+def check_device_for(checkpoint, device: str) -> None:
+    """--device checked up front for a PyTorch checkpoint; an ONNX model runs with onnxruntime on the CPU whatever
+    the device (loading it warns, `warn_onnx_device`)."""
+    if not str(checkpoint).lower().endswith(".onnx"):
+        inference_device(device)
+
+
 def check_batch_size(batch_size: int, option: str = "--batch-size") -> int:
     """Refuse a batch size below 1 before any work."""
     if batch_size < 1:

@@ -30,10 +30,9 @@ def run(args) -> int:
 
     if args.max_upload_mb <= 0 or args.workers < 1 or not 0 <= args.port < 65536:
         raise CxrlabError("--max-upload-mb must be > 0, --workers >= 1 and --port in 0..65535")
-    if not args.checkpoint.lower().endswith(".onnx"):
-        from cxrlab.inference import inference_device
+    from cxrlab.inference import check_device_for
 
-        inference_device(args.device)
+    check_device_for(args.checkpoint, args.device)
     _warn_if_exposed(args.host, args.token)
     max_upload = int(args.max_upload_mb * 2**20)
     log_db = args.log_db or DEFAULT_LOG_DB

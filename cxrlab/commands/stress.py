@@ -20,13 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cxrlab.inference import check_batch_size, inference_device
+    from cxrlab.inference import check_batch_size, check_device_for
     from cxrlab.outputs import check_output_dir
     from cxrlab.stress import format_table, stress_checkpoint
 
     check_batch_size(args.batch_size)
-    if not args.checkpoint.lower().endswith(".onnx"):
-        inference_device(args.device)
+    check_device_for(args.checkpoint, args.device)
     check_output_dir(args.out)
     r = stress_checkpoint(args.checkpoint, args.out, data=args.data, split=args.split, manifest=args.manifest,
                           inputs=args.inputs, only=args.only, n=args.n or None, seed=args.seed,
