@@ -35,7 +35,7 @@ def leaderboard_columns(class_names: list[str]) -> list[str]:
 
 def compare_models(data: str | Path, models: list[str], out: str | Path, *, budget_min: float | None = None,
                    epochs: int | None = None, img_size: int | None = None, batch_size: int | None = None,
-                   base: dict | None = None,
+                   base: dict | None = None, overwrite: bool = False,
                    progress: bool = True) -> list[dict]:
     """Train and evaluate each model, then write the leaderboard and the ROC comparison.
 
@@ -50,6 +50,8 @@ def compare_models(data: str | Path, models: list[str], out: str | Path, *, budg
         base: further `TrainConfig` keys applied to every model (e.g. {"pretrained": True, "lr": 3e-4}), with a
             `recipe` beneath them (e.g. {"recipe": "recommended"}; the model is each of `models`);
             `pretrained` is only passed to models that have pretrained weights.
+        overwrite: replace earlier runs in `out/<model>` (without it a folder holding a run is refused before any
+            model trains, as `cxrlab train` refuses one).
         progress: progress bars while training.
 
     Returns:
@@ -57,6 +59,7 @@ def compare_models(data: str | Path, models: list[str], out: str | Path, *, budg
     """
     from cxrlab.data.dataset import build_index
     from cxrlab.models import model_spec
+    from cxrlab.train import guard_run_folder
 
     if not models:
         raise CxrlabError("--models is empty; name at least one model (see `cxrlab train --list-models`)")
@@ -67,11 +70,14 @@ def compare_models(data: str | Path, models: list[str], out: str | Path, *, budg
     if "test" not in index.splits:
         raise CxrlabError(f"'{data}' has no test split; compare ranks models on test data: add {data}/test/<CLASS>/*")
     out = Path(out)
+    for name in models:  # every model's folder is checked before the first one trains
+        guard_run_folder(out / name, resume=False, overwrite=overwrite, remove=False)
     out.mkdir(parents=True, exist_ok=True)
     test_paths = [s.path for s in index.splits["test"]]
     rows = []
     for i, name in enumerate(models, 1):
         log.info("compare: model %d/%d: %s", i, len(models), name)
+        guard_run_folder(out / name, resume=False, overwrite=overwrite)  # --overwrite: the earlier run goes now
         rows.append(_run_one(name, data, out, test_paths, budget_min, epochs, img_size, batch_size, base, progress))
     rows.sort(key=lambda r: (bool(r.get("error")), -_num(r.get("macro_f1")), -_num(r.get("auc_macro"))))
     write_leaderboard(rows, out, index.class_names)

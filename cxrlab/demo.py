@@ -34,7 +34,7 @@ def run_demo(out: str | Path = "demo_run", *, per_class: int = DEMO_DEFAULTS["pe
     """
     from cxrlab.config import TrainConfig
     from cxrlab.data.synth import generate
-    from cxrlab.train import fit
+    from cxrlab.train import fit, guard_run_folder
 
     t0, out = time.perf_counter(), Path(out)
     data = out / "data"
@@ -43,6 +43,7 @@ def run_demo(out: str | Path = "demo_run", *, per_class: int = DEMO_DEFAULTS["pe
     cfg = TrainConfig(data=str(data), out=str(out / "run"), model=model, img_size=size, epochs=epochs,
                       batch_size=DEMO_DEFAULTS["batch_size"], lr=DEMO_DEFAULTS["lr"], seed=seed, early_stop=0,
                       scheduler="cosine", cam_every=max(1, epochs // 3), cam_images=6, monitor="val_loss")
+    guard_run_folder(out / "run", resume=False, overwrite=True)  # the demo's own folder: a rerun replaces it
     log.info("[2/4] training %s for %d epochs at %d px", model, epochs, size)
     result = fit(cfg, progress=progress)
     best = out / "run" / "best.pt"

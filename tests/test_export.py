@@ -363,3 +363,16 @@ def test_cli_predict_ensemble_via_onnx(trained, ensemble_pt, capsys, monkeypatch
     assert [r["predicted"] for r in got] == [r["predicted"] for r in ref]
     assert max(abs(float(a[f"prob_{c}"]) - float(b[f"prob_{c}"])) for a, b in zip(got, ref) for c in CLASSES) <= 1e-4
     assert list(ensemble_pt.parent.glob(".ens.pt.*.onnx")), "the export is cached next to the ensemble"
+
+
+def test_cli_evaluate_onnx_with_a_device_warns_and_runs_on_the_cpu(trained, exported, tmp_path, caplog, capsys):
+    """An ONNX model runs with onnxruntime on the CPU whatever --device says: evaluate warns and runs, as predict,
+    stress and serve do, instead of refusing --device cuda on a machine without a GPU."""
+    from cxrlab.cli import main
+
+    data, _ = trained
+    with caplog.at_level("WARNING"):
+        rc = main(["evaluate", "--checkpoint", exported.path, "--data", str(data), "--out", str(tmp_path / "ev"),
+                   "--device", "cuda", "--bootstrap", "10", "--no-report"])
+    assert rc == 0 and (tmp_path / "ev" / "metrics.json").is_file()
+    assert "--device cuda is ignored for the ONNX model" in caplog.text

@@ -128,3 +128,12 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         synth.generate(tmp_path / "x", per_class=2)
     with pytest.raises(CxrlabError, match="allowed"):
         synth.generate(tmp_path / "x", per_class=3, classes=("NORMAL", "FLU"))
+
+
+@pytest.mark.parametrize("args, message", [(["--size", "16"], "at least 32 pixels"),
+                                           (["--per-class", "2"], "at least 3")])
+def test_cli_bad_settings_create_no_folder(tmp_path, capsys, args, message):
+    out = tmp_path / "new" / "data"
+    assert main(["synth", "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "new").exists(), "a refused run leaves no folder behind"

@@ -3,9 +3,12 @@ after training, config values of the wrong type; and a failed run says why in it
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cxrlab.cli import main
+from cxrlab.outputs import RUN_FILES
 
 TINY = ["--model", "custom_cnn", "--img-size", "48", "--batch-size", "16", "--epochs", "1", "--no-cache",
         "--workers", "0", "--no-report", "--quiet"]
@@ -107,3 +110,51 @@ def test_members_without_report_write_no_report(synth_dir, tmp_path):
     assert main(["train", "--data", str(synth_dir), *TINY, "--members", "2", "--out", str(out)]) == 0
     assert (out / "best.pt").is_file() and (out / "metrics.json").is_file()
     assert not (out / "report.html").exists() and not list(out.glob("*.png"))
+
+
+def test_compare_refuses_earlier_runs_before_any_model_trains(synth_dir, first_run, tmp_path, capsys, monkeypatch):
+    """`cxrlab compare` trains into OUT/<model>: an earlier run there is refused before the first model trains (the
+    second model's folder is checked too), and --overwrite replaces it."""
+    import shutil
+
+    import cxrlab.train
+
+    trained = []
+
+    def fit(cfg, **_):
+        trained.append((cfg.model, sorted(p.name for p in Path(cfg.out).glob("*"))))
+        raise RuntimeError("stop after the check")
+
+    monkeypatch.setattr(cxrlab.train, "fit", fit)
+    out = tmp_path / "cmp"
+    shutil.copytree(first_run, out / "resnet18")
+    args = ["compare", "--data", str(synth_dir), "--models", "custom_cnn,resnet18", "--epochs", "1", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"'{out / 'resnet18'}' already holds a training run" in err and "--overwrite" in err
+    assert trained == [] and (out / "resnet18" / "best.pt").is_file()
+    assert main([*args, "--overwrite"]) == 1  # both models "failed" in the fake fit: exit 1, leaderboard written
+    assert [m for m, _ in trained] == ["custom_cnn", "resnet18"]
+    assert not any(name in RUN_FILES for name in trained[1][1])  # the earlier run was gone before resnet18 trained
+    assert (out / "leaderboard.csv").is_file()
+
+
+def test_demo_rerun_replaces_its_own_run(tmp_path, monkeypatch):
+    """`cxrlab demo` reruns into its own folder: the earlier run's log and report go, not appended to."""
+    import cxrlab.demo
+    import cxrlab.train
+
+    seen = []
+
+    def fit(cfg, **_):
+        seen.append(sorted(p.name for p in Path(cfg.out).glob("*")))
+        raise RuntimeError("stop after the check")
+
+    monkeypatch.setattr(cxrlab.train, "fit", fit)
+    run = tmp_path / "demo" / "run"
+    run.mkdir(parents=True)
+    for name in ("best.pt", "train.log", "report.html"):
+        (run / name).write_text("earlier demo")
+    with pytest.raises(RuntimeError, match="stop after the check"):
+        cxrlab.demo.run_demo(tmp_path / "demo", per_class=3, size=32, epochs=1, progress=False)
+    assert seen == [[]]

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-recall", action="append", default=[], metavar="CLASS=RECALL",
                    help="operating point chosen on validation for every model (repeatable)")
     p.add_argument("--config", help="YAML of TrainConfig keys applied to every model (options above override it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace earlier runs in OUT/<model> (without it a folder that holds a run is refused)")
 
 
 def run(args) -> int:
@@ -48,7 +50,8 @@ def run(args) -> int:
     check_output_dir(args.out)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows = compare_models(args.data, models, args.out, budget_min=args.budget_min, epochs=args.epochs,
-                          img_size=args.img_size, batch_size=args.batch_size, base=base, progress=not args.quiet)
+                          img_size=args.img_size, batch_size=args.batch_size, base=base, overwrite=args.overwrite,
+                          progress=not args.quiet)
     for r in rows:
         if r.get("error"):
             print(f"{r['model']:22s} FAILED: {r['error']}")

@@ -25,10 +25,10 @@ def run(args) -> int:
     from pathlib import Path
 
     from cxrlab.evaluate import evaluate_checkpoint
-    from cxrlab.inference import inference_device
+    from cxrlab.inference import check_device_for
     from cxrlab.outputs import check_not_run_folder, check_output_dir
 
-    inference_device(args.device)
+    check_device_for(args.checkpoint, args.device)
     check_not_run_folder(args.out, instead=f"eval_{Path(args.data).stem or 'data'}")
     check_output_dir(args.out)
     m = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split, manifest=args.manifest,

@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         Exit code 0.
     """
-    from cxrlab.data.synth import generate
+    from cxrlab.data.synth import check_settings, generate
     from cxrlab.outputs import check_output_dir
 
+    check_settings(args.per_class, args.size, args.seed)  # before --out is created
     check_output_dir(args.out)
     counts = generate(args.out, per_class=args.per_class, size=args.size, seed=args.seed, overwrite=args.overwrite)
     total = sum(sum(c.values()) for c in counts.values())

@@ -374,6 +374,20 @@ def _write_patient(out: Path, label: str, patient: dict, size: int, seed: int) -
     return rows
 
 
+def check_settings(per_class: int, size: int, seed: int = 0, classes: tuple[str, ...] = CLASSES) -> dict:
+    """Validate `generate`'s settings before any folder is touched.
+
+    Returns:
+        The patients of each class (`{class: plan}`), which `generate` writes.
+    """
+    bad = [c for c in classes if c not in LESIONS]
+    if bad or not classes:
+        raise CxrlabError(f"unknown classes {bad}; allowed: {', '.join(CLASSES)}")
+    if size < 32:
+        raise CxrlabError(f"--size {size} is too small; use at least 32 pixels")
+    return {c: _plan(c, per_class, seed) for c in classes}  # _plan validates per_class
+
+
 def generate(out_dir: str | Path, per_class: int = 200, size: int = 128, seed: int = 0,
              classes: tuple[str, ...] = CLASSES, *, overwrite: bool = False) -> dict:
     """Write a phantom folder data set with train/val/test splits, lesion masks and a manifest.
@@ -394,12 +408,7 @@ def generate(out_dir: str | Path, per_class: int = 200, size: int = 128, seed: i
     Returns:
         Image counts `{split: {class: n}}`.
     """
-    bad = [c for c in classes if c not in LESIONS]
-    if bad or not classes:
-        raise CxrlabError(f"unknown classes {bad}; allowed: {', '.join(CLASSES)}")
-    if size < 32:
-        raise CxrlabError(f"--size {size} is too small; use at least 32 pixels")
-    plans = {c: _plan(c, per_class, seed) for c in classes}  # validates per_class before deleting
+    plans = check_settings(per_class, size, seed, classes)  # before anything is deleted
     out = Path(out_dir)
     _prepare(out, overwrite)
     rows, counts = [], {s: {c: 0 for c in classes} for s in SPLITS}
