@@ -488,13 +488,17 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
+def batchnorms_with_statistics(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of `model` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @torch.no_grad()
 def unnormalised_batchnorms(model: nn.Module) -> list[nn.Module]:
     """BatchNorm layers whose running statistics are exactly mean 0 and variance 1 while others' are not: left so by
     training's precise BN (the stem's own BatchNorm under --freeze-stages, see `cxrlab.training_setup.freeze_stages`).
     A model whose every BatchNorm is so never measured any: none is returned."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-           and m.running_mean is not None]
+    bns = [m for m in batchnorms_with_statistics(model) if m.running_mean is not None]
     unit = [m for m in bns if not m.running_mean.any() and bool((m.running_var == 1).all())]
     return unit if len(unit) < len(bns) else []
 
@@ -524,8 +528,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, spec: InputSpe
         The number of images used (0 when the model has no BatchNorm).
     """
     kept = {id(m) for m in keep}
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-           and id(m) not in kept]
+    bns = [m for m in batchnorms_with_statistics(model) if id(m) not in kept]
     if not bns or n <= 0:
         return 0
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]

@@ -130,7 +130,17 @@ def member_record(i: int, cfg: TrainConfig, result: dict) -> dict:
 
 def load_state(out: Path) -> dict:
     path = out / STATE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CxrlabError(f"'{path}' is not the ensemble record cxrlab writes ({exc}); restore it, or train into a "
+                          f"new --out") from None
+    if not isinstance(state, dict):
+        raise CxrlabError(f"'{path}' is not the ensemble record cxrlab writes (a JSON object); restore it, or train "
+                          f"into a new --out")
+    return state
 
 
 def write_state(out: Path, state: dict) -> None:

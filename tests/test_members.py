@@ -164,3 +164,15 @@ def test_members_without_a_test_split_still_make_a_calibrated_ensemble(synth_dir
     state = json.loads((tmp_path / "ens" / "members.json").read_text())
     assert len(state["finished"]) == 2 and "ensemble" not in state and not (tmp_path / "ens" / "metrics.json").exists()
     assert "no test split" in r.stdout and "test: accuracy" not in r.stdout
+
+
+@pytest.mark.parametrize("text", ["{\"members\": 2, \"fini", "[1, 2]", "\xff\xfe"])
+def test_a_damaged_members_record_is_named_on_resume(tmp_path, capsys, text):
+    from cxrlab.cli import main
+
+    run = tmp_path / "ens"
+    run.mkdir()
+    (run / "members.json").write_bytes(text.encode("latin-1"))
+    assert main(["train", "--resume", "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{run / 'members.json'}' is not the ensemble record cxrlab writes" in err and "new --out" in err
