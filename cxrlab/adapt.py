@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 MIN_IMAGES = 32
 
 
+def check_n(n: int) -> int:
+    """Refuse an image count (--n) below what a BatchNorm estimate needs."""
+    if n < MIN_IMAGES:
+        raise CxrlabError(f"--n {n}: BatchNorm adaptation needs at least {MIN_IMAGES} images (default 1024)")
+    return n
+
+
 def adapt_batchnorm(bundle, arrays: np.ndarray, n: int = 1024, batch_size: int = 64, seed: int = 0,
                     where: str = "the images") -> int:
     """Replace the BatchNorm statistics of `bundle.model` with those of `arrays` (in place).
@@ -42,11 +49,14 @@ def adapt_batchnorm(bundle, arrays: np.ndarray, n: int = 1024, batch_size: int =
     Returns:
         The number of images the statistics were measured on.
     """
-    from cxrlab.engine import recalibrate_batchnorm, unnormalised_batchnorms
+    from cxrlab.engine import batchnorms_with_statistics, recalibrate_batchnorm, unnormalised_batchnorms
 
+    check_n(n)
     if not hasattr(bundle, "model") or bundle.ckpt.get("ensemble"):
         raise CxrlabError("BatchNorm adaptation needs a PyTorch checkpoint (best.pt); adapt each ensemble member "
                           "or the checkpoint before exporting it to ONNX")
+    if not batchnorms_with_statistics(bundle.model):
+        raise CxrlabError(f"model {bundle.ckpt['model']['name']} has no BatchNorm layers: there is nothing to adapt")
     if len(arrays) < MIN_IMAGES:
         raise CxrlabError(f"BatchNorm adaptation needs at least {MIN_IMAGES} readable images from the new site; "
                           f"{where} gave {len(arrays)}")
@@ -56,8 +66,6 @@ def adapt_batchnorm(bundle, arrays: np.ndarray, n: int = 1024, batch_size: int =
     used = recalibrate_batchnorm(bundle.model, torch.as_tensor(np.asarray(arrays)), bundle.spec, bundle.device,
                                  n=n, batch_size=batch_size, seed=seed, keep=keep)
     bundle.model.eval()
-    if used == 0:
-        raise CxrlabError(f"model {bundle.ckpt['model']['name']} has no BatchNorm layers: there is nothing to adapt")
     log.info("BatchNorm statistics re-estimated on %d images from %s%s", used, where,
              f" ({len(keep)} layer(s) left unnormalised, as trained)" if keep else "")
     return used

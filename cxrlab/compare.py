@@ -63,6 +63,10 @@ def compare_models(data: str | Path, models: list[str], out: str | Path, *, budg
 
     if not models:
         raise CxrlabError("--models is empty; name at least one model (see `cxrlab train --list-models`)")
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise CxrlabError(f"--models names {', '.join(twice)} more than once; each model trains into OUT/<model>, so "
+                          f"name each once (compare two settings of one model with two --out folders)")
     for name in models:
         model_spec(name)  # unknown names fail now, listing the valid ones
     base = dict(base or {})

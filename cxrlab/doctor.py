@@ -146,15 +146,23 @@ def report(env: dict | None = None) -> dict:
     }
 
 
-def check_measure_args(images: int, budget_min: float, steps: int) -> None:
-    """`measure()`'s own arguments (the model's are checked where it is built); a CxrlabError names the bad one."""
+def check_measure_args(images: int, budget_min: float, steps: int, model: str | None = None,
+                       img_size: int | None = None, batch_size: int = 1, device: str = "auto") -> None:
+    """`measure()`'s arguments, before the report and the timing start; a CxrlabError names the bad one."""
     from cxrlab.errors import CxrlabError
+    from cxrlab.inference import inference_device
+    from cxrlab.models import model_spec
 
     for ok, msg in ((images >= 1, f"--images (training images per epoch) must be at least 1, got {images}"),
                     (budget_min > 0, f"--budget-min must be more than 0 minutes, got {budget_min:g}"),
-                    (steps >= 1, f"--steps must be at least 1, got {steps}")):
+                    (steps >= 1, f"--steps must be at least 1, got {steps}"),
+                    (img_size is None or img_size >= 32, f"--img-size must be at least 32 pixels, got {img_size}"),
+                    (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}")):
         if not ok:
             raise CxrlabError(msg)
+    if model is not None:
+        model_spec(model)  # an unknown name fails now, listing the valid ones
+    inference_device(device)
 
 
 def _inference_images_per_s(model, spec, device, img_size: int, batch: int = 64) -> float:

@@ -35,6 +35,8 @@ def calibrate_checkpoint(ckpt: dict, val_logits: np.ndarray, val_y: np.ndarray, 
             # With no validation error the NLL keeps falling as T -> 0: there is no evidence to sharpen.
             log.info("validation has no errors: temperature left at 1 (the fit would sharpen to %.3f without evidence)", temp)
             temp = 1.0
+        for warning in temperature_warnings(temp, val_y, names):
+            log.warning("temperature %.3f: %s", temp, warning)
         ckpt["temperature"] = temp
         ckpt["calibration_fitted_on"] = f"validation ({len(val_y)} images)"
     probs = apply_temperature(val_logits, float(ckpt.get("temperature", 1.0)))
@@ -50,6 +52,39 @@ def calibrate_checkpoint(ckpt: dict, val_logits: np.ndarray, val_y: np.ndarray, 
         ckpt["thresholds"] = thresholds
         ckpt["operating_points_val"] = ops
     return ckpt
+
+
+# Fewer calibration images than this make a fitted temperature mostly noise (a warning says so).
+MIN_CALIBRATION_IMAGES = 30
+
+
+def temperature_warnings(temp: float, y: np.ndarray, names: list[str]) -> list[str]:
+    """What makes a fitted temperature untrustworthy: the search's bound reached, too few images, missing classes.
+
+    Args:
+        temp: the fitted temperature.
+        y: the calibration labels (class indices).
+        names: the checkpoint's class names.
+
+    Returns:
+        One sentence per problem (empty when none).
+    """
+    from cxrlab.metrics import T_MAX, T_MIN
+
+    out = []
+    if temp >= T_MAX * 0.999:
+        out.append(f"the fit hit its upper bound {T_MAX:g}: the model is mostly wrong on these images, so every "
+                   f"probability is flattened towards 1/{len(names)}; check that they are labelled with the classes "
+                   f"the model was trained on, or keep the model's own temperature")
+    elif temp <= T_MIN * 1.001:
+        out.append(f"the fit hit its lower bound {T_MIN:g}: every probability would be pushed to 0 or 1")
+    if len(y) < MIN_CALIBRATION_IMAGES:
+        out.append(f"fitted on only {len(y)} images (at least {MIN_CALIBRATION_IMAGES} recommended): it is mostly noise")
+    missing = [c for i, c in enumerate(names) if not (np.asarray(y) == i).any()]
+    if missing:
+        out.append(f"the calibration images have no {', '.join(missing)}: the temperature says nothing about "
+                   f"{'that class' if len(missing) == 1 else 'those classes'}")
+    return out
 
 
 def calibrate_on_split(ckpt: dict, data, split: str = "val", manifest: str | None = None,
@@ -108,6 +143,7 @@ def finalize_run(run) -> dict:
     from cxrlab.checkpoint import load_checkpoint, save_checkpoint
     from cxrlab.evaluate import evaluation_metrics, write_evaluation
     from cxrlab.inference import bundle_from_checkpoint
+    from cxrlab.metrics import format_metric
 
     best = run.out / "best.pt"
     if not best.is_file():
@@ -132,7 +168,7 @@ def finalize_run(run) -> dict:
         write_evaluation(run.out, metrics, test.arrays.labels.numpy(), probs, y_pred, [s.path for s in test.samples],
                          list(ckpt["class_names"]))
         log.info("test: accuracy %.4f, macro-F1 %.4f, AUC %s (n=%d) -> %s", metrics["accuracy"], metrics["macro_f1"],
-                 metrics["auc_macro"], metrics["n"], run.out / "metrics.json")
+                 format_metric(metrics["auc_macro"]), metrics["n"], run.out / "metrics.json")
         result["test"] = {k: metrics[k] for k in ("accuracy", "macro_f1", "auc_macro", "n")}
     if run.cfg.report:
         from cxrlab.evaluate import draw_report

@@ -119,7 +119,9 @@ def _fit(cfgs: list[TrainConfig], out: Path, state: dict, parallel: int, resume:
 
 
 def _test_text(test: dict | None) -> str:
-    return f": test accuracy {test['accuracy']:.4f}, AUC {test['auc_macro']:.4f}" if test else ""
+    from cxrlab.metrics import format_metric
+
+    return f": test accuracy {test['accuracy']:.4f}, AUC {format_metric(test['auc_macro'])}" if test else ""
 
 
 def member_record(i: int, cfg: TrainConfig, result: dict) -> dict:

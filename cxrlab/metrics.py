@@ -264,6 +264,11 @@ def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
     return float(np.mean(lse - z[np.arange(y.size), y]))
 
 
+def format_metric(value, digits: int = 4) -> str:
+    """A metric for a console line: `digits` decimals, or "n/a" where it is undefined (e.g. AUC with one class)."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
 def fit_temperature(logits, y_true) -> float:
     """Temperature scaling: the T in [0.05, 20] minimising validation NLL of softmax(logits / T).
 

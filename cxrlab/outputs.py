@@ -49,14 +49,44 @@ def check_output_file(path: str | Path, option: str = "--out", suffixes: tuple[s
         The file as a Path.
     """
     path = Path(path)
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise CxrlabError(f"{option} must end in {' or '.join(suffixes)}, got '{path}'")
     if path.is_dir():
         example = path / ("out" + (suffixes[0] if suffixes else ""))
         raise CxrlabError(f"{option} '{path}' is a folder; give a file name inside it, e.g. {example}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise CxrlabError(f"{option} must end in {' or '.join(suffixes)}, got '{path}'")
     _writable_folder(path.parent, path, option)
     if path.exists() and not os.access(path, os.W_OK):
         raise CxrlabError(f"cannot write {option} '{path}': the file is read-only. Choose another {option}")
+    return path
+
+
+def check_new_checkpoint(path: str | Path, inputs: tuple = (), what: str = "the new checkpoint",
+                         option: str = "--out") -> Path:
+    """Check the file a command writes a derived checkpoint to (calibrate, adapt, ensemble) before any work.
+
+    It must end in .pt (what predict, evaluate and serve load as a PyTorch checkpoint), must not be one of the
+    command's own input checkpoints, and must not be a training run's best.pt / last.pt (replacing last.pt would
+    also end `cxrlab train --resume`, whose state only the run's own last.pt holds).
+
+    Args:
+        path: the file to write.
+        inputs: the checkpoints the command reads.
+        what: what is written, for the message (e.g. "the calibrated copy").
+        option: the command-line option that named it.
+
+    Returns:
+        The file as a Path.
+    """
+    path = check_output_file(path, option, suffixes=(".pt",))
+    if path.exists():
+        for src in inputs:
+            if Path(src).exists() and path.resolve() == Path(src).resolve():
+                raise CxrlabError(f"{option} '{path}' is a checkpoint this command reads; write {what} to a new file, "
+                                  f"e.g. {path.with_name(path.stem + '_new.pt')}")
+        if path.name in ("best.pt", "last.pt") and any((path.parent / n).is_file() for n in RUN_FILES if n != path.name):
+            raise CxrlabError(f"{option} '{path}' is the {path.name} of the training run in '{path.parent}'; writing "
+                              f"{what} there would replace the run's own checkpoint. Choose a new file, e.g. "
+                              f"{path.parent / ('derived_' + path.name)}")
     return path
 
 

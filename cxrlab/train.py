@@ -306,7 +306,12 @@ class Run:
         path = self.out / "last.pt"
         if not path.is_file():
             raise CxrlabError(f"--resume: no last.pt in '{self.out}' (nothing to resume). Run without --resume to start")
-        return load_checkpoint(path, map_location=self.device)
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if "train_state" not in ckpt or "config" not in ckpt:
+            raise CxrlabError(f"--resume: '{path}' holds no training state (optimizer, schedule): it was replaced by a "
+                              f"copy written by another command, e.g. calibrate or adapt. Resume is not possible; start "
+                              f"again with --overwrite, or use best.pt as it is")
+        return ckpt
 
     def _load_resume_state(self, ckpt: dict) -> None:
         path = self.out / "last.pt"

@@ -169,9 +169,14 @@ def test_cli_measures_and_refuses_bad_settings(tmp_path, capsys):
                            (["--measure", "--images", "0"], "--images (training images per epoch) must be at least 1"),
                            (["--measure", "--budget-min", "-1"], "--budget-min must be more than 0"),
                            (["--measure", "--model", "nope"], "unknown model 'nope'. Valid models:"),
-                           (["--json", str(tmp_path / "no" / "d.json")], "does not exist")):
+                           (["--measure", "--img-size", "0"], "--img-size must be at least 32 pixels, got 0"),
+                           (["--measure", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+                           (["--json", str(tmp_path)], f"--json '{tmp_path}' is a folder")):
         assert main(["doctor", *argv]) == 2, argv
-        assert expected in capsys.readouterr().err
+        got = capsys.readouterr()
+        assert expected in got.err and got.out == "", argv  # refused before the report and any timing
+    assert main(["doctor", "--json", str(tmp_path / "new" / "d.json")]) == 0  # a missing folder is created
+    assert json.loads((tmp_path / "new" / "d.json").read_text())["cpu"]
 
 
 def _facts(**over) -> dict:

@@ -16,15 +16,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cxrlab.adapt import adapt_checkpoint
+    from cxrlab.adapt import adapt_checkpoint, check_n
     from cxrlab.checkpoint import check_checkpoint_file
     from cxrlab.inference import check_batch_size, inference_device
-    from cxrlab.outputs import check_output_file
+    from cxrlab.outputs import check_new_checkpoint
 
     check_checkpoint_file(args.checkpoint, "cxrlab adapt")
+    check_n(args.n)
     check_batch_size(args.batch_size)
     inference_device(args.device)
-    check_output_file(args.out)
+    check_new_checkpoint(args.out, inputs=(args.checkpoint,), what="the adapted copy")
     r = adapt_checkpoint(args.checkpoint, args.inputs, args.out, n=args.n, batch_size=args.batch_size,
                          device=args.device, seed=args.seed)
     print(f"wrote {args.out}: BatchNorm statistics from {r['images']} images ({r['unreadable']} unreadable skipped); "

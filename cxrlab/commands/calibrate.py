@@ -17,20 +17,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from cxrlab.checkpoint import check_checkpoint_file, load_checkpoint, save_checkpoint
     from cxrlab.commands.train import parse_target_recall
-    from cxrlab.errors import CxrlabError
     from cxrlab.finalize import calibrate_on_split
     from cxrlab.inference import inference_device
-    from cxrlab.outputs import check_output_file
+    from cxrlab.outputs import check_new_checkpoint
 
-    src, dst = check_checkpoint_file(args.checkpoint, "cxrlab calibrate"), Path(args.out)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise CxrlabError(f"--out {dst} is the checkpoint being calibrated; write the calibrated copy to a new file")
+    src = check_checkpoint_file(args.checkpoint, "cxrlab calibrate")
+    dst = check_new_checkpoint(args.out, inputs=(src,), what="the calibrated copy")
     inference_device(args.device)
-    check_output_file(dst)
     ckpt = calibrate_on_split(load_checkpoint(src), args.data, args.split, args.manifest,
                               parse_target_recall(args.target_recall), args.device)
     save_checkpoint(ckpt, dst)

@@ -37,6 +37,7 @@ def run(args) -> int:
     from cxrlab.commands.train import parse_target_recall
     from cxrlab.compare import compare_models
     from cxrlab.config import TrainConfig, load_yaml
+    from cxrlab.metrics import format_metric
     from cxrlab.outputs import check_output_dir
     from cxrlab.recipes import with_recipe
 
@@ -56,7 +57,7 @@ def run(args) -> int:
         if r.get("error"):
             print(f"{r['model']:22s} FAILED: {r['error']}")
         else:
-            print(f"{r['model']:22s} accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}  AUC {r['auc_macro']}  "
+            print(f"{r['model']:22s} accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}  AUC {format_metric(r['auc_macro'])}  "
                   f"({r['wall_time_s']:.0f}s)")
     print(f"leaderboard: {args.out}/leaderboard.md")
     return 0 if any(not r.get("error") for r in rows) else 1

@@ -32,16 +32,17 @@ def run(args) -> int:
 
     from cxrlab.doctor import check_measure_args, format_measure, format_report, measure, report
     from cxrlab.errors import CxrlabError
+    from cxrlab.outputs import check_output_file
 
     given = [k for k in MEASURE_DEFAULTS if getattr(args, k) is not None]
     if given and not args.measure:
         flag = "--" + given[0].replace("_", "-")
         raise CxrlabError(f"{flag} only acts with --measure (cxrlab doctor --measure {flag} ...)")
     settings = {k: MEASURE_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in MEASURE_DEFAULTS}
-    check_measure_args(settings["images"], settings["budget_min"], settings["steps"])
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise CxrlabError(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist; create it "
-                          "or write the file elsewhere")
+    check_measure_args(settings["images"], settings["budget_min"], settings["steps"], settings["model"],
+                       settings["img_size"], settings["batch_size"], settings["device"])
+    if args.json:
+        check_output_file(args.json, "--json")
     r = report()
     for line in format_report(r):
         print(line)

@@ -24,7 +24,7 @@ def run(args) -> int:
     from cxrlab.ensemble import build_ensemble, calibrate_ensemble, parse_weights
     from cxrlab.errors import CxrlabError
     from cxrlab.inference import inference_device
-    from cxrlab.outputs import check_output_file
+    from cxrlab.outputs import check_new_checkpoint
 
     recall = parse_target_recall(args.target_recall)
     if recall and not args.calibrate_data:
@@ -33,7 +33,7 @@ def run(args) -> int:
         check_checkpoint_file(path, "cxrlab ensemble")
     if args.calibrate_data:
         inference_device(args.device)
-    check_output_file(args.out)
+    check_new_checkpoint(args.out, inputs=tuple(args.checkpoints), what="the ensemble")
     ckpt = build_ensemble(args.checkpoints, parse_weights(args.weights, len(args.checkpoints)))
     if args.calibrate_data:
         ckpt = calibrate_ensemble(ckpt, args.calibrate_data, args.calibrate_split, args.manifest, recall, args.device)

@@ -26,6 +26,7 @@ def run(args) -> int:
 
     from cxrlab.evaluate import evaluate_checkpoint
     from cxrlab.inference import check_device_for
+    from cxrlab.metrics import format_metric
     from cxrlab.outputs import check_not_run_folder, check_output_dir
 
     check_device_for(args.checkpoint, args.device)
@@ -36,7 +37,7 @@ def run(args) -> int:
                             report=not args.no_report)
     ci = m.get("ci95", {}).get("accuracy")
     ci_txt = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-    print(f"{m['split']}: n={m['n']} accuracy {m['accuracy']:.4f}{ci_txt}  macro-F1 {m['macro_f1']:.4f}  AUC {m['auc_macro']}")
+    print(f"{m['split']}: n={m['n']} accuracy {m['accuracy']:.4f}{ci_txt}  macro-F1 {m['macro_f1']:.4f}  AUC {format_metric(m['auc_macro'])}")
     for c in m["class_names"]:
         pc = m["per_class"][c]
         print(f"  {c:20s} recall {pc['recall']:.4f}  precision {pc['precision']:.4f}  f1 {pc['f1']:.4f}  n={pc['support']}")

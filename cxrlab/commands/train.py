@@ -293,11 +293,12 @@ def _ensemble_args(args) -> tuple[int, int]:
 
 def _run_members(cfg, args, members: int, parallel: int) -> int:
     from cxrlab.members import fit_members
+    from cxrlab.metrics import format_metric
 
     result = fit_members(cfg, members, parallel, resume=args.resume, progress=not args.quiet and parallel == 1)
     print(f"ensemble folder: {result['run_dir']} ({members} members)")
     for m in result["members"]:
-        numbers = f"test accuracy {m['accuracy']:.4f}  AUC {m['auc_macro']}" if "accuracy" in m else "no test split"
+        numbers = f"test accuracy {m['accuracy']:.4f}  AUC {format_metric(m['auc_macro'])}" if "accuracy" in m else "no test split"
         print(f"  member {m['member']} (seed {m['seed']}): {numbers}")
     if "test" in result:
         _print_test(result["test"])
@@ -305,4 +306,6 @@ def _run_members(cfg, args, members: int, parallel: int) -> int:
 
 
 def _print_test(t: dict) -> None:
-    print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  AUC {t['auc_macro']}  (n={t['n']})")
+    from cxrlab.metrics import format_metric
+
+    print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  AUC {format_metric(t['auc_macro'])}  (n={t['n']})")
