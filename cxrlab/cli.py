@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "synth": "generate a synthetic chest-radiograph phantom data set",
@@ -104,18 +105,50 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.quiet, args.debug)
     from cxrlab.errors import CxrlabError
 
+    created = _not_yet_there(args)
+    rc = 1
     try:
-        return int(args._run(args) or 0)
+        rc = int(args._run(args) or 0)
+        return rc
     except CxrlabError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        rc = 2
+        return rc
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        rc = 130
+        return rc
     except Exception as exc:  # noqa: BLE001 - the last line of defence of the CLI
         if args.debug:
             raise
         print(f"error: {type(exc).__name__}: {exc}\n(run again with --debug for the traceback)", file=sys.stderr)
-        return 1
+        return rc
+    finally:
+        if rc != 0:
+            _remove_empty(created)
+
+
+def _not_yet_there(args) -> list[Path]:
+    """The output folders a command was given (--out, --output) that do not exist yet, with their missing parents
+    (leaf first): a failed command removes those it created and left empty."""
+    missing = []
+    for key in ("out", "output"):
+        value = getattr(args, key, None)
+        if not isinstance(value, (str, Path)) or not str(value):
+            continue
+        path = Path(value).absolute()
+        while not path.exists() and path != path.parent:
+            missing.append(path)
+            path = path.parent
+    return missing
+
+
+def _remove_empty(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        except OSError:
+            pass

@@ -273,3 +273,18 @@ def test_device_cuda_with_onnx_file_says_what_runs(exported, synth_dir, tmp_path
                       "--output", out)
     assert rc == 0 and out.is_file()
     assert "--device cuda is ignored for the ONNX model" in err and "runs with onnxruntime on the CPU" in err
+
+
+def test_a_failed_command_leaves_no_empty_output_folders(tiny_run, synth_dir, tmp_path, capsys):
+    """Output folders are created up front (to check they can be written); a command that then fails removes
+    those it created and left empty, and never a folder that was there before or holds a file."""
+    out = tmp_path / "a" / "b" / "stress"
+    rc, err = run_cli(capsys, "stress", "--checkpoint", tiny_run / "best.pt", "--data", synth_dir, "--only", "foo",
+                      "--out", out)
+    assert rc == 2 and "foo" in err
+    assert not (tmp_path / "a").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    rc, _ = run_cli(capsys, "stress", "--checkpoint", tiny_run / "best.pt", "--data", synth_dir, "--only", "foo",
+                    "--out", kept)
+    assert rc == 2 and kept.is_dir()
