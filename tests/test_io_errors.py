@@ -61,7 +61,10 @@ def no_work(monkeypatch):
     import cxrlab.predict
     import cxrlab.stress
 
+    watch = {"paths": [], "seen": []}  # folders a test wants to see as the work starts, and what was seen
+
     def started(*a, **k):
+        watch["seen"].append([p.is_dir() for p in watch["paths"]])
         raise AssertionError("the work started before the output path was checked")
 
     for mod, name in [(cxrlab.adapt, "adapt_checkpoint"), (cxrlab.audit, "audit"), (cxrlab.data.synth, "generate"),
@@ -70,6 +73,7 @@ def no_work(monkeypatch):
                       (cxrlab.finalize, "calibrate_on_split"), (cxrlab.predict, "predict_paths"),
                       (cxrlab.stress, "stress_checkpoint")]:
         monkeypatch.setattr(mod, name, started)
+    return watch
 
 
 # 1. a file that is not a checkpoint
@@ -179,10 +183,12 @@ def test_output_under_a_file_is_refused_before_work(command, tiny_run, synth_dir
 def test_missing_parent_folders_are_created(command, tiny_run, synth_dir, tmp_path, capsys, no_work):
     argv = _commands(tiny_run / "best.pt", synth_dir, lambda n: tmp_path / "new" / "deep" / n,
                      lambda n: tmp_path / "new" / "deep" / n)[command]
+    folder = tmp_path / "new" / "deep"
+    no_work["paths"] = [folder]
     rc, err = run_cli(capsys, *argv)
     assert rc == 1 and "the work started" in err  # the check passed and the (stubbed) work began
-    folder = tmp_path / "new" / "deep"
-    assert folder.is_dir() and not [p for p in folder.rglob("*") if p.is_file()]  # created; no probe left behind
+    assert no_work["seen"] == [[True]]  # the folder was there when the work started
+    assert not (tmp_path / "new").exists()  # the failed command removed what it created: no probe, no empty folder
 
 
 def test_unwritable_folder_names_the_path(tmp_path):
