@@ -9,25 +9,41 @@ evaluation, prediction and the service see the same pixels. Conventions:
 - Colour is converted to luminance (ITU-R 601 weights, as Pillow's ``convert("L")``).
 - Alpha is composited on black: a transparent pixel carries no image, and black is what
   "no signal" (air, padding) looks like in a MONOCHROME2 radiograph.
-- EXIF orientation is applied; MONOCHROME1 DICOM is inverted; multi-frame files give frame 0.
-- The pixel count is checked from the header before any decoding (decompression bombs).
+- EXIF orientation is applied; MONOCHROME1 DICOM is inverted; multi-frame files give frame 0
+  (with a warning, logged once per file).
+- DICOM is recognised by content (the ``DICM`` magic at byte 128), not by the file name; a ``.dcm``
+  without that magic is read as a preamble-less DICOM data set unless it is a PNG/JPEG/BMP/TIFF.
+- The pixel count is checked from the header before any decoding (decompression bombs). The limit
+  is :data:`DEFAULT_MAX_PIXELS`, or the environment variable ``CXRLAB_MAX_PIXELS`` (pixels).
 - Every failure raises :class:`~cxrlab.errors.ImageReadError` naming the file and the reason.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from cxrlab.errors import ImageReadError
+from cxrlab.errors import CxrlabError, ImageReadError
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 DEFAULT_MAX_PIXELS = 100_000_000
+MAX_PIXELS_ENV = "CXRLAB_MAX_PIXELS"
+_DICM_OFFSET = 128
+# Magic numbers of the Pillow formats: a file starting with one is not DICOM, whatever its name.
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"GIF8",
+                b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")
+_PIL_LIMIT_LOCK = threading.Lock()
 _PIL_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _MODE_BITS = {"1": 1, "L": 8, "LA": 8, "P": 8, "PA": 8, "RGB": 8, "RGBA": 8, "RGBX": 8, "CMYK": 8,
@@ -35,40 +51,85 @@ _MODE_BITS = {"1": 1, "L": 8, "LA": 8, "P": 8, "PA": 8, "RGB": 8, "RGBA": 8, "RG
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
-    """True when the file name has one of :data:`SUPPORTED_EXTENSIONS` (case-insensitive)."""
-    return Path(path).suffix.lower() in SUPPORTED_EXTENSIONS
+    """True for a file that folder scans should read as an image.
+
+    That is a name with one of :data:`SUPPORTED_EXTENSIONS` (case-insensitive), or a DICOM file
+    without an extension (or with a numeric one, as in UID-named files), as PACS exports name
+    them (``IM0001``, ``1.2.840....``): those are recognised by the ``DICM`` magic, reading only
+    their first 132 bytes. Hidden files, ``DICOMDIR`` and other extensions are excluded unread.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in SUPPORTED_EXTENSIONS:
+        return True
+    if (suffix and not suffix[1:].isdigit()) or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
+        return False
+    return _read_head(p, _DICM_OFFSET + 4)[_DICM_OFFSET:] == b"DICM"
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
-    """True for a ``.dcm``/``.dicom`` name or a file with the ``DICM`` magic at byte 128."""
-    if Path(path).suffix.lower() in DICOM_EXTENSIONS:
+    """True when the content is DICOM, whatever the file name.
+
+    That is the ``DICM`` magic at byte 128, or a ``.dcm``/``.dicom`` name on a file that does not
+    start like a PNG, JPEG, BMP, TIFF, GIF or JPEG 2000 image (a DICOM data set without the
+    128-byte preamble; :func:`read_gray` then checks it with pydicom). A PNG named ``a.dcm`` is
+    therefore a PNG, and a DICOM named ``a.png`` or ``IM0001`` is DICOM.
+    """
+    head = _read_head(path, _DICM_OFFSET + 4)
+    if head[_DICM_OFFSET:] == b"DICM":
         return True
+    return Path(path).suffix.lower() in DICOM_EXTENSIONS and not head.startswith(_IMAGE_MAGIC)
+
+
+def default_max_pixels() -> int:
+    """The pixel limit of :func:`read_gray`: ``$CXRLAB_MAX_PIXELS`` when set, else 100 Mpx.
+
+    Set it (in pixels, e.g. ``CXRLAB_MAX_PIXELS=300000000`` or ``3e8``) before ``cxrlab predict``,
+    ``train`` or ``serve`` to accept genuine images above 100 Mpx; it also lifts Pillow's own
+    decompression-bomb limit up to that size.
+
+    Raises:
+        CxrlabError: the variable is set but is not a positive number.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
     try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+        value = float(raw.replace("_", ""))
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 1:
+        raise CxrlabError(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels; set it to a positive "
+                          f"number such as {MAX_PIXELS_ENV}=300000000 (300 Mpx), or unset it for the "
+                          f"default of {DEFAULT_MAX_PIXELS / 1e6:.0f} Mpx")
+    return int(value)
 
 
-def read_gray(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_gray(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file to a grayscale radiograph.
 
     Args:
-        path: PNG, JPEG, BMP, TIFF or DICOM file.
+        path: PNG, JPEG, BMP, TIFF or DICOM file (recognised by content, not by name).
         max_pixels: largest width x height accepted; checked from the header before decoding.
+            None: :func:`default_max_pixels` (``$CXRLAB_MAX_PIXELS``, else 100 Mpx).
 
     Returns:
         2-D ``uint8`` array (H, W).
 
     Raises:
         ImageReadError: the file is missing, empty, truncated, not an image, of an unsupported
-            format, a DICOM without pixel data, or larger than ``max_pixels``.
+            format, a DICOM without pixel data or in a transfer syntax that no installed
+            decoder handles, or larger than ``max_pixels``.
+        CxrlabError: ``$CXRLAB_MAX_PIXELS`` is set to something that is not a pixel count.
     """
+    if max_pixels is None:
+        max_pixels = default_max_pixels()
     _check_file(path)
     try:
         if is_dicom(path):
-            return _read_dicom(path, max_pixels)
+            from cxrlab.data.dicom import read_dicom
+
+            return read_dicom(path, max_pixels)
         return _read_pil(path, max_pixels)
     except ImageReadError:
         raise
@@ -90,7 +151,9 @@ def read_header(path: str | os.PathLike) -> dict:
     _check_file(path)
     try:
         if is_dicom(path):
-            ds = _dcmread(path, header_only=True)
+            from cxrlab.data.dicom import dcmread
+
+            ds = dcmread(path, header_only=True)
             mode = str(ds.get("PhotometricInterpretation", "?"))
             return {"format": "DICOM", "width": int(ds.get("Columns", 0)), "height": int(ds.get("Rows", 0)),
                     "mode": mode, "bits": int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0)}
@@ -151,6 +214,15 @@ def to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) 
 # ----------------------------------------------------------------------------- checks, errors
 
 
+def _read_head(path, n: int) -> bytes:
+    """The first ``n`` bytes of a file; ``b""`` when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
 def _check_file(path) -> None:
     p = Path(path)
     if not p.exists():
@@ -168,8 +240,10 @@ def _check_pixels(path, width: int, height: int, max_pixels: int) -> None:
 
 
 def _too_many(n: int, max_pixels: int) -> str:
-    return (f"{n / 1e6:.0f} Mpx exceeds the limit of {max_pixels / 1e6:.0f} Mpx; "
-            "a decompression bomb? (pass a larger max_pixels for a genuine huge image)")
+    return (f"{n / 1e6:.0f} Mpx exceeds the limit of {max_pixels / 1e6:.0f} Mpx (a decompression bomb?). "
+            f"For a genuine image this large, downscale it below {max_pixels / 1e6:.0f} Mpx first "
+            "(e.g. `magick in.png -resize 50% out.png`), or raise the limit with the environment "
+            f"variable {MAX_PIXELS_ENV} (pixels, e.g. {MAX_PIXELS_ENV}={math.ceil(n / 1e6)}000000)")
 
 
 def _describe(exc: Exception) -> str:
@@ -200,7 +274,7 @@ def _open_pil(path, max_pixels: int = DEFAULT_MAX_PIXELS):
     (our own ``max_pixels`` check replaces it)."""
     from PIL import Image, UnidentifiedImageError
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _pil_pixel_limit(max_pixels):
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             im = Image.open(path)
@@ -216,6 +290,23 @@ def _open_pil(path, max_pixels: int = DEFAULT_MAX_PIXELS):
         im.close()
         raise ImageReadError(path, f"unsupported format {fmt}; supported: PNG, JPEG, BMP, TIFF, DICOM")
     return im
+
+
+@contextmanager
+def _pil_pixel_limit(max_pixels: int):
+    """Lift Pillow's hard bomb limit (2 x ``Image.MAX_IMAGE_PIXELS``) to ``max_pixels`` while
+    opening, so that a raised ``$CXRLAB_MAX_PIXELS`` also works for Pillow formats."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is None or max_pixels <= 2 * Image.MAX_IMAGE_PIXELS:
+        yield
+        return
+    with _PIL_LIMIT_LOCK:
+        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
 
 
 def _unidentified_reason(path) -> str:
@@ -256,92 +347,3 @@ def _pil_to_gray(im) -> np.ndarray:
     if mode != "RGB":  # CMYK, YCbCr, LAB, HSV, 1, ...
         im = im.convert("RGB")
     return np.array(im.convert("L"), dtype=np.uint8)
-
-
-# ----------------------------------------------------------------------------- DICOM
-
-
-def _dcmread(path, header_only: bool = False):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=header_only)
-    except InvalidDicomError:
-        pass
-    try:  # a .dcm without the 128-byte preamble: read it as a raw data set
-        ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ImageReadError(path, f"not a valid DICOM file ({_describe(exc)})") from exc
-    if "Rows" not in ds and "PixelData" not in ds:
-        raise ImageReadError(path, "not a valid DICOM file (no DICM header and no image attributes)")
-    return ds
-
-
-def _read_dicom(path, max_pixels: int) -> np.ndarray:
-    ds = _dcmread(path)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageReadError(path, "DICOM file has no pixel data (a report, or a presentation state?)")
-    _check_pixels(path, int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), max_pixels)
-    arr = _dicom_first_frame(ds)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if arr.ndim == 3:  # colour (pydicom already converted YBR to RGB)
-        lum = arr[..., :3].astype(np.float32) @ _LUMA
-        return np.clip(lum + 0.5, 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else to_uint8(lum)
-    out = _dicom_gray_to_uint8(arr, ds)
-    return 255 - out if photometric == "MONOCHROME1" else out
-
-
-def _dicom_first_frame(ds) -> np.ndarray:
-    if hasattr(ds, "pixel_array_options"):  # pydicom >= 3: decode frame 0 only
-        ds.pixel_array_options(index=0)
-        return ds.pixel_array
-    arr = ds.pixel_array  # pydicom 2.x: every frame
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    return arr[0] if frames > 1 and arr.ndim == (4 if spp > 1 else 3) else arr
-
-
-def _dicom_luts():
-    try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-    return apply_modality_lut, apply_voi_lut
-
-
-def _dicom_gray_to_uint8(arr: np.ndarray, ds) -> np.ndarray:
-    """Modality LUT, then the VOI LUT or window when present, else the real min..max."""
-    apply_modality_lut, apply_voi_lut = _dicom_luts()
-    raw_uint8 = arr.dtype == np.uint8
-    arr = apply_modality_lut(arr, ds)
-    if ds.get("VOILUTSequence"):
-        return to_uint8(apply_voi_lut(arr, ds, index=0))
-    window = _window_bounds(ds)
-    if window is not None:
-        return to_uint8(arr, *window)
-    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:  # SIGMOID etc.
-        return to_uint8(apply_voi_lut(arr, ds, index=0))
-    if raw_uint8 and arr.dtype == np.uint8:
-        return arr
-    return to_uint8(arr)
-
-
-def _first(value) -> float:
-    try:
-        return float(value[0])
-    except (TypeError, IndexError):
-        return float(value)
-
-
-def _window_bounds(ds) -> tuple[float, float] | None:
-    """(lo, hi) of a LINEAR / LINEAR_EXACT window (DICOM PS3.3 C.11.2.1.2), else None."""
-    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
-        return None
-    c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
-    function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
-    if function == "LINEAR_EXACT" and w > 0:
-        return c - w / 2, c + w / 2
-    if function == "LINEAR" and w > 1:
-        return c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
-    return None
