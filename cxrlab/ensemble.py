@@ -46,11 +46,9 @@ def member_weights(ckpt: dict) -> list[float]:
 
 
 def first_member(ckpt: dict) -> dict:
-    """The checkpoint explain (Grad-CAM) should use: the first member of an ensemble, else `ckpt`."""
-    if not is_ensemble(ckpt):
-        return ckpt
-    log.info("ensemble checkpoint: explaining its first member (%s)", ckpt["ensemble"][0]["model"]["name"])
-    return ckpt["ensemble"][0]
+    """The checkpoint Grad-CAM uses: the first member of an ensemble, else `ckpt` (`cxrlab.explain` explains the
+    first member's layers while the probabilities shown are the whole ensemble's)."""
+    return ckpt["ensemble"][0] if is_ensemble(ckpt) else ckpt
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
@@ -150,7 +148,7 @@ class EnsembleBundle(ModelBundle):
         Members with another image size get the arrays resized (antialiased bilinear); a member whose
         preset differs otherwise (equalize, clahe, crop_border) needs the files: use `logits_for_files`.
         """
-        t = torch.as_tensor(np.asarray(images))
+        t = torch.as_tensor(images if isinstance(images, torch.Tensor) else np.require(images, requirements="W"))
         outs = [b.logits_for_arrays(self._adapt(t, b), tta=tta, batch_size=batch_size) for b in self.members]
         return self._combine(outs)
 
@@ -165,30 +163,36 @@ class EnsembleBundle(ModelBundle):
                                             antialias=True, align_corners=False)
         return x[:, 0].round().clamp(0, 255).to(torch.uint8)
 
-    def logits_for_files(self, paths: list, tta: bool = False, batch_size: int = 64, cache: bool | None = None,
-                         progress: bool = False) -> tuple[np.ndarray, list[int], dict[str, str]]:
-        """Decode the files once per distinct member preset and combine the members.
+    def decode_and_logits(self, paths: list, tta: bool = False, batch_size: int = 64, cache: bool | None = None,
+                          progress: bool = False) -> tuple[np.ndarray, list[int], dict[str, str], np.ndarray]:
+        """Decode the files once per distinct member preset and combine the members (`logits_for_files` uses it).
 
         Returns:
-            (log averaged probabilities of the readable files, their indices into `paths`, {path: reason}).
+            (log averaged probabilities of the readable files, their indices into `paths`, {path: reason},
+            the readable files decoded with the first member's preset (uint8 (n_ok, S, S))).
         """
         from cxrlab.data.cache import load_arrays
 
         decoded: dict = {}
-        for pre in dict.fromkeys(b.pre for b in self.members):
+        for pre in dict.fromkeys([self.pre, *(b.pre for b in self.members)]):
             decoded[pre] = load_arrays(paths, pre, cache_dir=None if cache else False,
                                        workers=min(os.cpu_count() or 1, 4), progress=progress)
         ok = sorted(set.intersection(*(set(d[1]) for d in decoded.values())))
         errors = {k: v for d in decoded.values() for k, v in d[2].items()}
         if not ok:
-            return np.zeros((0, len(self.class_names)), np.float32), ok, errors
-        outs = []
-        for b in self.members:
-            arrays, b_ok, _ = decoded[b.pre]
-            where = {i: j for j, i in enumerate(b_ok)}
-            rows = [where[i] for i in ok] if len(b_ok) != len(ok) else slice(None)
-            outs.append(b.logits_for_arrays(arrays[rows], tta=tta, batch_size=batch_size))
-        return self._combine(outs), ok, errors
+            return np.zeros((0, len(self.class_names)), np.float32), ok, errors, decoded[self.pre][0][:0]
+        outs = [b.logits_for_arrays(self._rows(decoded[b.pre], ok), tta=tta, batch_size=batch_size)
+                for b in self.members]
+        return self._combine(outs), ok, errors, self._rows(decoded[self.pre], ok)
+
+    @staticmethod
+    def _rows(decoded: tuple, ok: list[int]) -> np.ndarray:
+        """The arrays of the files `ok` (indices into the paths) out of one preset's `load_arrays` result."""
+        arrays, b_ok, _ = decoded
+        if len(b_ok) == len(ok):
+            return arrays
+        where = {i: j for j, i in enumerate(b_ok)}
+        return arrays[[where[i] for i in ok]]
 
 
 def bundle_from_ensemble(ckpt: dict, device: str | torch.device = "cpu") -> EnsembleBundle:

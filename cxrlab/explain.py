@@ -56,6 +56,8 @@ class ExplainResult:
         predicted: predicted class.
         target: the class the heatmap explains.
         method: CAM method name.
+        note: how to read it, or None (an ensemble: "Grad-CAM of member 0 of N; probabilities of the ensemble").
+        warning: why the input does not look like a radiograph (`cxrlab.inference.input_warning`), or None.
     """
 
     heatmap: np.ndarray
@@ -65,6 +67,8 @@ class ExplainResult:
     predicted: str
     target: str
     method: str = "gradcam"
+    note: str | None = None
+    warning: str | None = None
 
 
 def cam_class(method: str):
@@ -160,29 +164,61 @@ def cam_heatmaps(model: torch.nn.Module, layer: torch.nn.Module, images, targets
 
 
 def _torch_model(bundle) -> torch.nn.Module:
+    """The module Grad-CAM hooks: the model of a checkpoint, or the first member's of an ensemble (its
+    `bundle.model`); refuses ONNX models."""
+    from cxrlab.ensemble import first_member
+
     model = getattr(bundle, "model", None)
     if not isinstance(model, torch.nn.Module):
         raise CxrlabError("Grad-CAM needs the PyTorch checkpoint (.pt): an ONNX model has no gradients or layers. "
                           "Pass the .pt checkpoint the ONNX file was exported from.")
-    if bundle.ckpt.get("ensemble") or "name" not in (bundle.ckpt.get("model") or {}):
-        raise CxrlabError("Grad-CAM needs a single-model checkpoint; explain one member of the ensemble instead")
+    if "name" not in (first_member(bundle.ckpt).get("model") or {}):
+        raise CxrlabError("Grad-CAM needs a checkpoint that names its architecture (model.name); this one does not")
     return unwrap_model(model)
 
 
+def gradcam_unavailable(bundle) -> str | None:
+    """Why Grad-CAM cannot run on this model (an ONNX model, a checkpoint without its architecture), or None."""
+    try:
+        _torch_model(bundle)
+    except CxrlabError as exc:
+        return str(exc)
+    return None
+
+
 def _cam_layer(bundle, model: torch.nn.Module) -> torch.nn.Module:
+    from cxrlab.ensemble import first_member
     from cxrlab.models import model_spec
 
-    return model_spec(bundle.ckpt["model"]["name"]).cam_layer(model)
+    return model_spec(first_member(bundle.ckpt)["model"]["name"]).cam_layer(model)
+
+
+def ensemble_note(bundle) -> str | None:
+    """For an ensemble: "Grad-CAM of member 0 of N; probabilities of the ensemble" (the heatmap comes from the
+    first member's layers, the probabilities and the decision from the whole ensemble); None otherwise."""
+    members = (getattr(bundle, "ckpt", None) or {}).get("ensemble")
+    return f"Grad-CAM of member 0 of {len(members)}; probabilities of the ensemble" if members else None
+
+
+def target_class(names: list[str], target: str | int) -> str:
+    """The model's class name for a `--target`: an exact name, a unique case-insensitive match (`pneumonia` for
+    `PNEUMONIA`, as data folders and `--target-recall` match), or a class index.
+
+    Raises:
+        CxrlabError: no class matches; the message lists the model's classes.
+    """
+    if isinstance(target, (int, np.integer)) and 0 <= int(target) < len(names):
+        return names[int(target)]
+    if str(target) in names:
+        return str(target)
+    folded = [c for c in names if c.casefold() == str(target).casefold()]
+    if len(folded) == 1:
+        return folded[0]
+    raise CxrlabError(f"unknown target class '{target}'. This model's classes: {', '.join(names)}")
 
 
 def _class_index(names: list[str], target: str | int | None) -> int | None:
-    if target is None:
-        return None
-    if isinstance(target, (int, np.integer)) and 0 <= int(target) < len(names):
-        return int(target)
-    if str(target) in names:
-        return names.index(str(target))
-    raise CxrlabError(f"unknown target class '{target}'. This model's classes: {', '.join(names)}")
+    return None if target is None else names.index(target_class(names, target))
 
 
 def _predict(bundle, images: np.ndarray, probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -228,9 +264,12 @@ def make_overlay(image: np.ndarray, heatmap: np.ndarray, image_weight: float = 0
 
 
 def explain_arrays(bundle, images_uint8: np.ndarray, target: str | list | None = None,
-                   method: str = "gradcam", probs: np.ndarray | None = None) -> list[ExplainResult]:
+                   method: str = "gradcam", probs: np.ndarray | None = None,
+                   warnings: list | None = None) -> list[ExplainResult]:
     """Explain preprocessed images; `target` is one class for all, a list (one per image) or None (predicted).
-    `probs`: the images' calibrated probabilities when the caller already has them (skips a forward pass)."""
+    `probs`: the images' calibrated probabilities when the caller already has them (skips a forward pass).
+    `warnings`: one input warning (or None) per image, carried into the results and their figures.
+    An ensemble's heatmaps are its first member's, its probabilities the ensemble's (`ensemble_note`)."""
     model = _torch_model(bundle)
     images = np.array(images_uint8, dtype=np.uint8)  # a writable copy (PIL arrays are read-only)
     names = bundle.class_names
@@ -244,9 +283,10 @@ def explain_arrays(bundle, images_uint8: np.ndarray, target: str | list | None =
         probs, pred = _predict(bundle, images, probs)
         idx = list(pred) if idx is None else idx
         heat = cam_heatmaps(model, _cam_layer(bundle, model), images, idx, bundle.spec, bundle.device, method)
+    note, warnings = ensemble_note(bundle), warnings or [None] * len(images)
     return [ExplainResult(heat[i], images[i], make_overlay(images[i], heat[i]),
                           {c: float(probs[i, k]) for k, c in enumerate(names)}, names[int(pred[i])],
-                          names[int(idx[i])], method.lower()) for i in range(len(images))]
+                          names[int(idx[i])], method.lower(), note, warnings[i]) for i in range(len(images))]
 
 
 def explain_array(bundle, gray: np.ndarray, target: str | None = None, method: str = "gradcam") -> ExplainResult:
@@ -259,13 +299,17 @@ def explain_array(bundle, gray: np.ndarray, target: str | None = None, method: s
         method: a name from `METHODS`.
 
     Returns:
-        The `ExplainResult` (heatmap, preprocessed image, overlay, probabilities, prediction).
+        The `ExplainResult` (heatmap, preprocessed image, overlay, probabilities, prediction, and a warning
+        when the image does not look like a radiograph).
     """
+    from cxrlab.inference import input_warning
+
     gray = np.asarray(gray)
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise CxrlabError(f"explain_array needs a 2-D uint8 grayscale image, got shape {gray.shape} dtype {gray.dtype} "
                           "(decode files with cxrlab.data.io.read_gray)")
-    return explain_arrays(bundle, prepare_array(gray, bundle.pre)[None], target, method)[0]
+    warning = input_warning(gray.shape[1], gray.shape[0], gray)
+    return explain_arrays(bundle, prepare_array(gray, bundle.pre)[None], target, method, warnings=[warning])[0]
 
 
 # ---------------------------------------------------------------- figures
@@ -302,9 +346,14 @@ def explanation_figure(result: ExplainResult, title: str | None = None, mask: np
         ax.set_axis_off()
     p = result.probs.get(result.predicted, float("nan"))
     fig.suptitle(title or f"predicted {result.predicted} (p={p:.2f})", fontsize=11, fontweight="bold")
+    lines = [(f"warning: {result.warning}", "firebrick")] if result.warning else []
+    lines += [(result.note, "dimgray")] if result.note else []
+    for k, (text, colour) in enumerate(lines):
+        fig.text(0.5, 0.905 - 0.04 * k, text, ha="center", va="top", fontsize=8, color=colour, wrap=True)
     fig.text(0.5, 0.02, _probs_text(result.probs, result.predicted), ha="center", va="bottom",
              family="monospace", fontsize=8)
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.86, bottom=0.04 + 0.035 * len(result.probs), wspace=0.04)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.86 - 0.04 * len(lines), bottom=0.04 + 0.035 * len(result.probs),
+                        wspace=0.04)
     return fig
 
 
@@ -333,15 +382,23 @@ def save_explanation(result: ExplainResult, path: str | Path, title: str | None 
 # ---------------------------------------------------------------- files
 
 
+INDEX_NAME = "explain_index.csv"  # written into the output folder by `explain_paths`
+
+
 def explain_paths(bundle, inputs: list[str], out: str | Path, target: str | None = None, method: str = "gradcam",
                   save_raw: bool = False, chunk: int = 32) -> tuple[list[Path], dict[str, str]]:
-    """Explain image files and folders; write OUT/<stem>_cam.png (and <stem>_cam.npy with `save_raw`).
+    """Explain image files and folders; write OUT/<stem>_cam.png (and <stem>_cam.npy with `save_raw`) and
+    OUT/explain_index.csv (source file -> output file, predicted class, probabilities, warning, error).
+
+    Files found under `out` while searching a folder are skipped (explain's own outputs of an earlier run).
+    Files with the same stem from different folders are written as <stem>_cam.png, <stem>-2_cam.png, ...;
+    the index and each figure's title name the source file.
 
     Args:
-        bundle: a torch `ModelBundle`.
+        bundle: a torch `ModelBundle`, or an ensemble (the first member's Grad-CAM, the ensemble's probabilities).
         inputs: files and folders (searched recursively).
         out: output folder.
-        target: class to explain (default: each image's predicted class).
+        target: class to explain (default: each image's predicted class); matched case-insensitively.
         method: a name from `METHODS`.
         save_raw: also save the float32 heatmap as .npy.
         chunk: images decoded and explained at a time.
@@ -349,39 +406,111 @@ def explain_paths(bundle, inputs: list[str], out: str | Path, target: str | None
     Returns:
         (written PNG paths, {file: reason} for files that could not be explained).
     """
-    from cxrlab.inference import expand_inputs
-
     _torch_model(bundle)
-    _class_index(bundle.class_names, target)
+    target = None if target is None else target_class(bundle.class_names, target)
     cam_class(method)
     out = Path(out)
-    files, written, errors, used = expand_inputs(inputs), [], {}, set()
+    files, written, errors, used, rows = _input_files(inputs, out), [], {}, set(), []
+    if ensemble_note(bundle):
+        log.info("ensemble checkpoint: %s", ensemble_note(bundle))
     for start in range(0, len(files), chunk):
-        ok, arrays = _decode(files[start : start + chunk], bundle.pre, errors)
+        ok, arrays, warnings = _decode(files[start : start + chunk], bundle.pre, errors)
+        ok, arrays, warnings, probs = _ensemble_probs(bundle, ok, arrays, warnings, errors)
         if not ok:
             continue
-        for f, res in zip(ok, explain_arrays(bundle, np.stack(arrays), target, method)):
+        for f, res in zip(ok, explain_arrays(bundle, np.stack(arrays), target, method, probs, warnings)):
             stem = _unique_stem(f.stem, used)
-            title = f"{f.name}: {res.predicted} (p={res.probs[res.predicted]:.2f})"
+            title = f"{_short(f)}: {res.predicted} (p={res.probs[res.predicted]:.2f})"
             written.append(save_explanation(res, out / f"{stem}_cam.png", title=title))
             if save_raw:
                 np.save(out / f"{stem}_cam.npy", res.heatmap)
+            rows.append(_index_row(f, written[-1].name, res))
+    rows += [{"source": f, "error": reason} for f, reason in errors.items()]
+    _write_index(out / INDEX_NAME, rows, bundle.class_names)
+    _warn_stale_raw(out, used, save_raw)
     return written, errors
 
 
-def _decode(files: list[Path], pre, errors: dict) -> tuple[list[Path], list[np.ndarray]]:
-    """Readable files and their preprocessed arrays; each bad file is logged and added to `errors`."""
-    from cxrlab.data.io import read_gray
+def _input_files(inputs: list[str], out: Path) -> list[Path]:
+    """The files to explain: `expand_inputs`, less files under `out` that a folder search found."""
+    from cxrlab.inference import expand_inputs
 
-    ok, arrays = [], []
+    named, root, found = {Path(i) for i in inputs if not Path(i).is_dir()}, out.resolve(), expand_inputs(inputs)
+    files = [f for f in found if f in named or not f.resolve().is_relative_to(root)]
+    skipped = len(found) - len(files)
+    if skipped:
+        log.info("skipped %d file(s) under the output folder %s (explain's own outputs)", skipped, out)
+    if not files:
+        raise CxrlabError(f"no image files to explain in {', '.join(map(str, inputs))}: the only images there are "
+                          f"under the output folder {out} (explain's own outputs); choose another --out or input")
+    return files
+
+
+def _ensemble_probs(bundle, ok: list[Path], arrays: list, warnings: list, errors: dict) -> tuple:
+    """For an ensemble, the ensemble's probabilities from the files, as `cxrlab predict` computes them (each
+    member decodes with its own preset); a file a member cannot read joins `errors`. Single models: None."""
+    if not ensemble_note(bundle) or not ok:
+        return ok, arrays, warnings, None
+    logits, rows, bad = bundle.logits_for_files(ok)
+    for f, reason in bad.items():
+        errors[f] = reason
+        log.warning("cannot explain %s: %s", f, reason)
+    return ([ok[i] for i in rows], [arrays[i] for i in rows], [warnings[i] for i in rows],
+            bundle.probs(logits) if rows else None)
+
+
+def _short(path: Path, width: int = 60) -> str:
+    text = str(path)
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def _index_row(source: Path, output: str, res: ExplainResult) -> dict:
+    return {"source": source, "output": output, "predicted": res.predicted, "target": res.target,
+            **{f"prob_{c}": f"{p:.6f}" for c, p in res.probs.items()}, "warning": res.warning or ""}
+
+
+def _write_index(path: Path, rows: list[dict], class_names: list[str]) -> None:
+    """OUT/explain_index.csv: source,output,predicted,target,prob_<class>...,warning,error (this run's files)."""
+    import csv
+
+    cols = ["source", "output", "predicted", "target", *(f"prob_{c}" for c in class_names), "warning", "error"]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def _warn_stale_raw(out: Path, stems: set, save_raw: bool) -> None:
+    """Without --save-raw, <stem>_cam.npy left by an earlier run beside a new <stem>_cam.png no longer matches it;
+    say so (they are not deleted)."""
+    stale = [] if save_raw else sorted(s for s in stems if (out / f"{s}_cam.npy").exists())
+    if stale:
+        log.warning("%d <stem>_cam.npy file(s) in %s are from an earlier --save-raw run and do not match the new "
+                    "overlays (e.g. %s_cam.npy); delete them or run again with --save-raw", len(stale), out, stale[0])
+
+
+def _decode(files: list[Path], pre, errors: dict) -> tuple[list[Path], list[np.ndarray], list[str | None]]:
+    """Readable files, their preprocessed arrays and input warnings; each bad file is logged and added to `errors`,
+    each warning logged."""
+    from cxrlab.data.io import read_gray
+    from cxrlab.inference import input_warning
+
+    ok, arrays, warnings = [], [], []
     for f in files:
         try:
-            arrays.append(prepare_array(read_gray(f), pre))
-            ok.append(f)
+            gray = read_gray(f)
+            arrays.append(prepare_array(gray, pre))
         except CxrlabError as exc:
             errors[str(f)] = getattr(exc, "reason", str(exc))
             log.warning("cannot explain %s: %s", f, errors[str(f)])
-    return ok, arrays
+            continue
+        ok.append(f)
+        warnings.append(input_warning(gray.shape[1], gray.shape[0], gray))
+        if warnings[-1]:
+            log.warning("%s: %s", f, warnings[-1])
+    return ok, arrays, warnings
 
 
 def _unique_stem(stem: str, used: set) -> str:

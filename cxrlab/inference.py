@@ -20,6 +20,8 @@ from cxrlab.errors import CxrlabError
 
 log = logging.getLogger(__name__)
 
+MIN_SIDE = 32  # a decoded image smaller than this on a side gets a warning: no radiograph survives at that size
+
 
 class BundleBase:
     """What every inference engine shares: file decoding with the model's preset, calibrated probabilities.
@@ -52,10 +54,16 @@ class BundleBase:
         Returns:
             (logits of the readable files, their indices into `paths`, {path: reason} for the others).
         """
+        return self.decode_and_logits(paths, tta=tta, batch_size=batch_size, cache=cache, progress=progress)[:3]
+
+    def decode_and_logits(self, paths: list, tta: bool = False, batch_size: int = 64, cache: bool | None = None,
+                          progress: bool = False) -> tuple[np.ndarray, list[int], dict[str, str], np.ndarray]:
+        """`logits_for_files` plus the decoded model inputs (uint8 (n_ok, S, S), this bundle's preset), so that a
+        caller can look at what the model saw (`input_warning`) without decoding the files twice."""
         arrays, ok, errors = self.arrays_for_files(paths, cache=cache, progress=progress)
         if not ok:
-            return np.zeros((0, len(self.class_names)), np.float32), ok, errors
-        return self.logits_for_arrays(arrays, tta=tta, batch_size=batch_size), ok, errors
+            return np.zeros((0, len(self.class_names)), np.float32), ok, errors, arrays
+        return self.logits_for_arrays(arrays, tta=tta, batch_size=batch_size), ok, errors, arrays
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (the checkpoint's temperature)."""
@@ -182,19 +190,65 @@ def as_bundle(checkpoint, device: str = "auto"):
     return load_model_bundle(checkpoint, device=device)
 
 
+def check_inputs(inputs: list[str]) -> None:
+    """Refuse, before any work, file or folder arguments that do not exist (a typo, or a pattern the shell
+    did not expand), naming them all.
+
+    Raises:
+        CxrlabError: one or more inputs do not exist.
+    """
+    missing = [str(i) for i in inputs if not Path(i).exists()]
+    if not missing:
+        return
+    msg = (f"{len(missing)} input path(s) not found: {', '.join(repr(m) for m in missing)}; "
+           "check the spelling (nothing was processed)")
+    if any(c in m for m in missing for c in "*?["):
+        msg += (". A name with * or ? is a pattern the shell did not expand: no file matched it, or it was "
+                "quoted; pass the folder itself (it is searched recursively) or an unquoted pattern that matches")
+    raise CxrlabError(msg)
+
+
+def input_warning(width: int | None, height: int | None, image: np.ndarray | None) -> str | None:
+    """Why an input does not look like a radiograph, or None: tiny (under `MIN_SIDE` px on a side), or the
+    intensity warning of `cxrlab.data.io.sniff_intensity_warning` (blank, constant, saturated, a mask).
+
+    Args:
+        width: the image's width in pixels as stored (None: unknown, not checked).
+        height: its height in pixels.
+        image: the decoded uint8 image (as read, or the model input), or None.
+
+    Returns:
+        One line ("; "-joined when several), or None.
+    """
+    from cxrlab.data.io import sniff_intensity_warning
+
+    out = []
+    if width is not None and height is not None and min(width, height) < MIN_SIDE:
+        out.append(f"tiny image ({width}x{height} px, under {MIN_SIDE} px on a side)")
+    sniffed = sniff_intensity_warning(np.asarray(image)) if image is not None else None
+    if sniffed:
+        out.append(sniffed)
+    return "; ".join(out) or None
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files and folders (searched recursively for image files) -> sorted unique file list."""
+    """Files and folders (searched recursively for image files) -> sorted unique file list.
+
+    A path that does not exist is kept (callers report it per file as "file not found"); commands refuse such
+    arguments up front with `check_inputs`. A folder without image files is logged.
+    """
     from cxrlab.data.io import is_image_file
 
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q))
-        elif p.exists():
-            files.append(p)
+            found = sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q))
+            if not found:
+                log.warning("no image files in the folder %s", p)
+            files += found
         else:
-            files.append(p)  # reported per file as missing, the others still run
+            files.append(p)  # a missing one is reported per file, the others still run
     seen, out = set(), []
     for f in files:
         if f not in seen:

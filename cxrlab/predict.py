@@ -26,36 +26,66 @@ def predict_paths(bundle, inputs: list[str], tta: bool = False, batch_size: int 
         chunk: files decoded at a time (bounds memory on huge folders).
 
     Returns:
-        One dict per file in input order: path, predicted, probabilities {CLASS: p}, error (None if ok).
+        One dict per file in input order: path, predicted, probabilities {CLASS: p}, error (None if ok),
+        warning (None, or why the image does not look like a radiograph: `file_warning`).
     """
     from tqdm.auto import tqdm
 
-    from cxrlab.evaluate import decide
     from cxrlab.inference import expand_inputs
 
     files = expand_inputs(inputs)
-    names = bundle.class_names
     rows: list[dict] = []
     for start in tqdm(range(0, len(files), chunk), disable=None if (progress and len(files) > chunk) else True, unit="chunk"):
-        part = files[start : start + chunk]
-        logits, ok, errors = bundle.logits_for_files(part, tta=tta, batch_size=batch_size)
-        probs = bundle.probs(logits) if len(ok) else np.zeros((0, len(names)))
-        pred = decide(probs, bundle.ckpt) if len(ok) else []
-        by_index = {i: j for j, i in enumerate(ok)}
-        for i, f in enumerate(part):
-            if i in by_index:
-                j = by_index[i]
-                rows.append({"path": str(f), "predicted": names[int(pred[j])],
-                             "probabilities": {c: float(probs[j, k]) for k, c in enumerate(names)}, "error": None})
-            else:
-                reason = errors.get(str(f), "unreadable")
-                log.warning("cannot predict %s: %s", f, reason)
-                rows.append({"path": str(f), "predicted": None, "probabilities": None, "error": reason})
+        rows += _predict_chunk(bundle, files[start : start + chunk], tta, batch_size)
+    warned = sum(r["warning"] is not None for r in rows)
+    if warned:
+        log.warning("%d of %d image(s) do not look like radiographs (blank, constant, saturated or tiny): their "
+                    "predictions mean little; see the warning column", warned, len(rows))
     return rows
 
 
+def _predict_chunk(bundle, part: list[Path], tta: bool, batch_size: int) -> list[dict]:
+    from cxrlab.evaluate import decide
+
+    names = bundle.class_names
+    decode = getattr(bundle, "decode_and_logits", None)
+    if decode is not None:
+        logits, ok, errors, arrays = decode(part, tta=tta, batch_size=batch_size)
+    else:
+        (logits, ok, errors), arrays = bundle.logits_for_files(part, tta=tta, batch_size=batch_size), None
+    probs = bundle.probs(logits) if len(ok) else np.zeros((0, len(names)))
+    pred = decide(probs, bundle.ckpt) if len(ok) else []
+    by_index = {i: j for j, i in enumerate(ok)}
+    rows = []
+    for i, f in enumerate(part):
+        if i in by_index:
+            j = by_index[i]
+            rows.append({"path": str(f), "predicted": names[int(pred[j])],
+                         "probabilities": {c: float(probs[j, k]) for k, c in enumerate(names)}, "error": None,
+                         "warning": file_warning(f, None if arrays is None else arrays[j])})
+        else:
+            reason = "file not found" if not Path(f).exists() else errors.get(str(f), "unreadable")
+            log.warning("cannot predict %s: %s", f, reason)
+            rows.append({"path": str(f), "predicted": None, "probabilities": None, "error": reason, "warning": None})
+    return rows
+
+
+def file_warning(path, model_input: np.ndarray | None) -> str | None:
+    """Why a readable file does not look like a radiograph, or None: its stored size (header only) under
+    `cxrlab.inference.MIN_SIDE` px on a side, or `sniff_intensity_warning` of the decoded model input."""
+    from cxrlab.data.io import read_header
+    from cxrlab.inference import input_warning
+
+    try:
+        head = read_header(path)
+        width, height = head["width"], head["height"]
+    except (CxrlabError, OSError, KeyError):
+        width = height = None
+    return input_warning(width, height, model_input)
+
+
 def write_rows(rows: list[dict], output: str | None, class_names: list[str]) -> None:
-    """Write predictions as CSV (`path,predicted,prob_<class>...,error`) or JSON, or print them."""
+    """Write predictions as CSV (`path,predicted,prob_<class>...,error,warning`) or JSON, or print them."""
     import csv
     import sys
 
@@ -67,10 +97,10 @@ def write_rows(rows: list[dict], output: str | None, class_names: list[str]) -> 
     fh = open(output, "w", newline="") if output else sys.stdout
     try:
         w = csv.writer(fh)
-        w.writerow(["path", "predicted", *[f"prob_{c}" for c in class_names], "error"])
+        w.writerow(["path", "predicted", *[f"prob_{c}" for c in class_names], "error", "warning"])
         for r in rows:
             probs = [f"{r['probabilities'][c]:.6f}" for c in class_names] if r["probabilities"] else [""] * len(class_names)
-            w.writerow([r["path"], r["predicted"] or "", *probs, r["error"] or ""])
+            w.writerow([r["path"], r["predicted"] or "", *probs, r["error"] or "", r.get("warning") or ""])
     finally:
         if output:
             fh.close()

@@ -7,7 +7,7 @@ reports how many decisions flip and how far probabilities move (no labels needed
 site's unlabelled images) and, with labels, accuracy, macro-F1, AUC and per-class recall beside the
 clean numbers. A model that is right for the right reasons barely moves under a 10% zoom; one that
 learned a site's framing or sharpness does. Each fragile perturbation names the training option
-that covers it.
+that covers it. Below `MIN_IMAGES_TO_JUDGE` images nothing is called fragile: the sample is too small to judge.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from cxrlab.errors import CxrlabError
 log = logging.getLogger(__name__)
 
 FRAGILE_FLIP_RATE = 0.05  # a perturbation that flips more decisions than this is reported as fragile
+# below this many images a flip rate is too coarse to call anything fragile (1 image: 0% or 100%; at 30 one flip
+# is 3.3%, under the threshold); the numbers are still reported
+MIN_IMAGES_TO_JUDGE = 30
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ PERTURBATIONS: dict[str, Perturbation] = {p.name: p for p in [
     Perturbation("gamma_1.4", "gamma 1.4 (darker mid-tones)", lambda x: 255.0 * (x / 255.0).pow(1.4), "--aug-gamma"),
     Perturbation("blur_1.5", "Gaussian blur, sigma 1.5 px (softer detector or resize)", lambda x: _blur(x, 1.5), "--aug-blur"),
     Perturbation("noise_0.03", "Gaussian noise, std 3% of full scale", lambda x: _noise(x, 0.03), "--aug-noise"),
-    Perturbation("jpeg_30", "JPEG re-compression at quality 30", lambda x: _jpeg(x, 30), "(no option: re-save training images)"),
+    Perturbation("jpeg_30", "JPEG re-compression at quality 30", lambda x: _jpeg(x, 30),
+                 "JPEG-compressed copies of the training images (no cxrlab option does this)"),
 ]}
 
 
@@ -150,15 +154,20 @@ def stress_test(bundle, images: np.ndarray, y: np.ndarray | None = None, only: s
         batch_size: forward batch.
 
     Returns:
-        {"n", "labelled", "class_names", "clean": {...}, "perturbations": [row, ...], "hints": [...]};
+        {"n", "labelled", "class_names", "clean": {...}, "perturbations": [row, ...], "hints": [...],
+        "too_few_to_judge": n < MIN_IMAGES_TO_JUDGE, "min_images": MIN_IMAGES_TO_JUDGE};
         each row has name, describe, fix, flip_rate (share of decisions that change), mean_abs_dprob
         (mean over images of the largest class-probability change), predicted_share, shift (the class
-        whose predicted share grows most, and by how much), fragile, and with labels accuracy,
+        whose predicted share grows most, and by how much), fragile (always False below
+        `MIN_IMAGES_TO_JUDGE` images: no hints then), and with labels accuracy,
         macro_f1, auc_macro, recall per class and delta_accuracy.
     """
     if len(images) == 0:
         raise CxrlabError("stress test: no readable images")
-    classes = bundle.class_names
+    classes, too_few = bundle.class_names, len(images) < MIN_IMAGES_TO_JUDGE
+    if too_few:
+        log.warning("only %d image(s): too few to judge whether a perturbation is fragile (at least %d); the flip "
+                    "rates are reported, but no perturbation is called fragile", len(images), MIN_IMAGES_TO_JUDGE)
     p0, d0 = decisions(bundle, images, batch_size)
     clean = {"predicted_share": _share(d0, classes), **_scores(p0, d0, y, classes)}
     rows = []
@@ -173,11 +182,12 @@ def stress_test(bundle, images: np.ndarray, y: np.ndarray | None = None, only: s
                **_scores(p, d, y, classes)}
         if y is not None:
             row["delta_accuracy"] = row["accuracy"] - clean["accuracy"]
-        row["fragile"] = row["flip_rate"] > FRAGILE_FLIP_RATE
+        row["fragile"] = not too_few and row["flip_rate"] > FRAGILE_FLIP_RATE
         rows.append(row)
         log.info("%-14s flips %5.1f%%", name, 100 * row["flip_rate"])
     return {"n": int(len(images)), "labelled": y is not None, "class_names": classes, "clean": clean,
-            "perturbations": rows, "fragile_threshold": FRAGILE_FLIP_RATE, "hints": _hints(rows)}
+            "perturbations": rows, "fragile_threshold": FRAGILE_FLIP_RATE, "hints": _hints(rows),
+            "too_few_to_judge": too_few, "min_images": MIN_IMAGES_TO_JUDGE}
 
 
 def _hints(rows: list[dict]) -> list[str]:

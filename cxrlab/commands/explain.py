@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="cxrlab checkpoint (.pt); ONNX files cannot be explained")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (default: explain/ beside the checkpoint, where the run report finds it)")
-    p.add_argument("--target", metavar="CLASS", help="class to explain (default: each image's predicted class)")
+    p.add_argument("--target", metavar="CLASS",
+                   help="class to explain, any letter case (default: each image's predicted class)")
     p.add_argument("--method", default="gradcam", choices=METHOD_NAMES, help="CAM method (default: gradcam)")
     p.add_argument("--save-raw", action="store_true", help="also write <stem>_cam.npy (float32 heatmap in [0, 1])")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -74,10 +75,12 @@ def _check(args) -> None:
 def run(args) -> int:
     """Explain images (exit 0 when at least one succeeded) or score faithfulness."""
     from cxrlab.checkpoint import check_checkpoint_file
-    from cxrlab.inference import inference_device, load_model_bundle
+    from cxrlab.inference import check_inputs, inference_device, load_model_bundle
     from cxrlab.outputs import check_output_dir
 
     _check(args)
+    if args.inputs:
+        check_inputs(args.inputs)
     check_checkpoint_file(args.checkpoint, "cxrlab explain (Grad-CAM)")
     inference_device(args.device)
     out = check_output_dir(Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "explain")
@@ -86,12 +89,12 @@ def run(args) -> int:
         return _score(args, bundle, out)
     if args.regions:
         return _regions(args, bundle, out)
-    from cxrlab.explain import explain_paths
+    from cxrlab.explain import INDEX_NAME, explain_paths
 
     written, errors = explain_paths(bundle, args.inputs, out, target=args.target, method=args.method,
                                     save_raw=args.save_raw)
     print(f"{len(written)} image(s) explained with {args.method}, {len(errors)} failed -> {out}/<stem>_cam.png"
-          + (" and <stem>_cam.npy" if args.save_raw else ""))
+          + (" and <stem>_cam.npy" if args.save_raw else "") + f"; source -> output in {out / INDEX_NAME}")
     return 0 if written else 1
 
 

@@ -16,10 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cxrlab.inference import check_batch_size
+    from cxrlab.inference import check_batch_size, check_inputs
     from cxrlab.outputs import check_output_file
     from cxrlab.predict import predict_paths, write_rows
 
+    check_inputs(args.inputs)
     check_batch_size(args.batch_size)
     if args.output:
         check_output_file(args.output, "--output", suffixes=(".csv", ".json"))

@@ -20,21 +20,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cxrlab.inference import check_batch_size, check_device_for
+    from cxrlab.inference import check_batch_size, check_device_for, check_inputs
     from cxrlab.outputs import check_output_dir
     from cxrlab.stress import format_table, stress_checkpoint
 
+    if args.inputs:
+        check_inputs(args.inputs)
     check_batch_size(args.batch_size)
     check_device_for(args.checkpoint, args.device)
     check_output_dir(args.out)
     r = stress_checkpoint(args.checkpoint, args.out, data=args.data, split=args.split, manifest=args.manifest,
                           inputs=args.inputs, only=args.only, n=args.n or None, seed=args.seed,
                           batch_size=args.batch_size, device=args.device)
-    print(f"{r['n']} images from {r['images_from']} ({len(r['unreadable'])} unreadable)")
+    print(f"{r['n']} image(s) from {r['images_from']} ({len(r['unreadable'])} unreadable)")
     print(format_table(r))
     for h in r["hints"]:
         print("fragile: " + h)
-    if not r["hints"]:
+    if r["too_few_to_judge"]:
+        print(f"only {r['n']} image(s): too few to call any perturbation fragile (at least {r['min_images']}); "
+              "the flip rates above are not evidence either way")
+    elif not r["hints"]:
         print(f"no perturbation flips more than {100 * r['fragile_threshold']:.0f}% of decisions")
     print(f"results: {args.out}/stress.json, {args.out}/stress.csv")
     return 0
