@@ -150,9 +150,9 @@ def test_upload_limit_413(ckpt, trained, png):
     app = create_app(ckpt, max_upload_bytes=len(png) - 1, log_db=trained / "limit.sqlite", device="cpu")
     with TestClient(app) as c:
         over_file = _post(c, png)  # envelope fits the body limit; the file itself is counted while copied
-        assert over_file.status_code == 413 and "limit" in over_file.json()["error"]
+        assert over_file.status_code == 413 and "--max-upload-mb" in over_file.json()["error"]
         huge = _post(c, b"\0" * (len(png) + 200_000))  # Content-Length over the limit: refused before reading
-        assert huge.status_code == 413 and "limit" in huge.json()["error"]
+        assert huge.status_code == 413 and "--max-upload-mb" in huge.json()["error"]
 
         def chunks():  # no Content-Length: counted while streaming
             for _ in range(50):
@@ -231,7 +231,8 @@ def test_no_path_traversal(client):
 
 
 def test_serve_an_ensemble_exported_to_onnx(ckpt, trained, png):
-    """An ensemble .pt and its one-graph ONNX export answer with the same probabilities; Grad-CAM needs the .pt."""
+    """An ensemble .pt and its one-graph ONNX export answer with the same probabilities; Grad-CAM needs the .pt
+    (/api/model's `gradcam` says so), and explains the ensemble's first member."""
     from cxrlab.checkpoint import load_checkpoint, save_checkpoint
     from cxrlab.ensemble import build_ensemble
     from cxrlab.export import export_onnx
@@ -248,9 +249,156 @@ def test_serve_an_ensemble_exported_to_onnx(ckpt, trained, png):
             r = _post(c, png)
             assert r.status_code == 200, r.text
             answers[name] = r.json()
+            gradcam = c.get("/api/model").json()["gradcam"]
+            r = _post(c, png, path="/api/explain?format=json")
             if name == "onnx":
-                r = _post(c, png, path="/api/explain")
-                assert 400 <= r.status_code < 500 and "PyTorch checkpoint" in r.text
+                assert not gradcam and r.status_code == 400 and "PyTorch checkpoint" in r.text
+            else:  # explain.py: the first member's Grad-CAM, the ensemble's probabilities, and a note saying so
+                assert gradcam and r.status_code == 200, r.text
+                assert "member 0 of 2" in r.json()["note"]
+                assert r.json()["probabilities"] == pytest.approx(answers["pt"]["probabilities"], abs=1e-6)
     a, b = answers["pt"]["probabilities"], answers["onnx"]["probabilities"]
     assert answers["pt"]["predicted"] == answers["onnx"]["predicted"]
     assert max(abs(a[k] - b[k]) for k in a) <= 1e-4
+
+
+# ----------------------------------------------------------------------------- QA fixes
+
+
+@pytest.fixture(scope="module")
+def onnx_model(ckpt, trained):
+    from cxrlab.export import export_onnx
+
+    return export_onnx(ckpt, trained / "single.onnx").path
+
+
+def _png_of(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_model_says_whether_gradcam_works(client, onnx_model, trained, png):
+    """The page decides between /api/explain and /api/predict from /api/model's `gradcam`."""
+    from cxrlab.serve.app import create_app
+
+    m = client.get("/api/model").json()
+    assert m["gradcam"] is True and m["gradcam_unavailable"] is None
+    with TestClient(create_app(onnx_model, log_db=trained / "onnx.sqlite", device="cpu")) as c:
+        m = c.get("/api/model").json()
+        assert m["gradcam"] is False and "PyTorch checkpoint (.pt)" in m["gradcam_unavailable"]
+        r = _post(c, png, path="/api/explain?format=json")
+        assert r.status_code == 400 and r.json()["error"] == m["gradcam_unavailable"]
+        assert _post(c, png).status_code == 200  # the prediction the page falls back on
+    js = client.get("/static/app.js").text
+    assert "gradcam" in js and "/api/predict" in js and "/api/explain?format=json" in js
+
+
+def test_page_asks_for_token_and_reloads_model_info(client):
+    """The page: model info again once a token is entered, the same file can be chosen twice, Enter opens the
+    chooser, the slider is hidden without a heatmap, warnings are shown (the browser test drives these)."""
+    js, html = client.get("/static/app.js").text, client.get("/").text
+    assert '$("token").addEventListener("change", loadModel)' in js
+    assert "enter it under" in js and "resp.status === 401" in js
+    assert 'e.target.value = ""' in js
+    assert 'e.key === "Enter"' in js and '$("file").click()' in js
+    for el in ('id="opacity-label"', 'id="cam-note"', 'id="warnings"'):
+        assert el in html
+
+
+def _serve_cli(args, monkeypatch, capsys):
+    """`cxrlab serve ARGS` with uvicorn and model loading replaced: (exit code, stdout, stderr, was the app built)."""
+    import uvicorn
+
+    import cxrlab.serve.app as serve_app
+    from cxrlab.cli import main
+
+    built = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(serve_app, "create_app", lambda *a, **k: built.append(a) or object())
+    code = main(["serve", *map(str, args), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    return code, out, err, bool(built)
+
+
+def test_serve_checks_options_checkpoint_and_log_before_the_banner(ckpt, trained, monkeypatch, capsys):
+    cases = [
+        (["--checkpoint", trained / "missing.pt"], "--checkpoint"),
+        (["--checkpoint", trained / "run"], "pass --checkpoint"),
+        (["--checkpoint", ckpt, "--log-db", trained], "--log-db"),
+        (["--checkpoint", ckpt, "--log-db", ckpt], "not a cxrlab prediction log"),
+        (["--checkpoint", ckpt, "--max-upload-mb", "0"], "--max-upload-mb must be"),
+        (["--checkpoint", ckpt, "--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--checkpoint", ckpt, "--port", "70000"], "--port must be in 1..65535, got 70000"),
+        (["--checkpoint", ckpt, "--port", "0"], "got 0"),
+    ]
+    for args, says in cases:
+        code, out, err, built = _serve_cli(args, monkeypatch, capsys)
+        assert code == 2 and says in err, (args, err)
+        assert "cxrlab serve:" not in out and not built, args
+    assert "folder" in _serve_cli(["--checkpoint", ckpt, "--log-db", trained], monkeypatch, capsys)[2]
+    code, out, err, built = _serve_cli(["--checkpoint", ckpt, "--port", 8123, "--log-db", trained / "cli.sqlite"],
+                                       monkeypatch, capsys)
+    assert code == 0 and built and "http://127.0.0.1:8123/" in out
+
+
+def test_serve_refuses_a_busy_port_before_loading(ckpt, trained, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, out, err, built = _serve_cli(["--checkpoint", ckpt, "--port", port, "--log-db", trained / "busy.sqlite"],
+                                           monkeypatch, capsys)
+    assert code == 2 and f"port {port} on 127.0.0.1 is in use: pass another --port" in err
+    assert not built and "cxrlab serve:" not in out
+
+
+def test_413_names_the_option_and_two_files_are_refused(ckpt, trained, png, client):
+    from cxrlab.serve.app import create_app
+
+    with TestClient(create_app(ckpt, max_upload_bytes=2**20, log_db=trained / "mb.sqlite", device="cpu")) as c:
+        for size in (2**20 + 100, 2**20 + 100_000):  # the file counted while copied; Content-Length over the limit
+            r = _post(c, b"\0" * size)
+            assert r.status_code == 413
+            assert r.json()["error"].startswith("the upload is larger than --max-upload-mb 1 (MB)"), r.json()
+    for path in ("/api/predict", "/api/explain"):
+        r = client.post(path, files=[("file", ("a.png", png)), ("file", ("b.png", png))])
+        assert r.status_code == 422 and "'file'" in r.json()["error"] and "2 times" in r.json()["error"]
+
+
+def test_thresholds_empty_dict_and_target_any_case(client, png):
+    assert client.get("/api/model").json()["thresholds"] == {}  # as docs/INFERENCE.md says: {} when none
+    r = _post(client, png, path="/api/explain?format=json&target=pneumonia")
+    assert r.status_code == 200, r.text
+    assert r.json()["target"] == "PNEUMONIA"
+
+
+def test_degenerate_images_come_with_warnings(client, png):
+    images = {"constant": np.full((64, 64), 128, np.uint8), "black": np.zeros((64, 64), np.uint8),
+              "1x1": np.full((1, 1), 77, np.uint8)}
+    for name, arr in images.items():
+        for path in ("/api/predict", "/api/explain?format=json"):
+            r = _post(client, _png_of(arr), path=path)
+            assert r.status_code == 200, (name, r.text)
+            body = r.json()
+            assert body["warnings"] and all(isinstance(w, str) for w in body["warnings"]), (name, path)
+            assert {"predicted", "probabilities", "model", "sha256"} <= set(body)
+    assert "tiny" in _post(client, _png_of(images["1x1"])).json()["warnings"][0]
+    assert "constant" in _post(client, _png_of(images["black"])).json()["warnings"][0]
+    assert _post(client, png).json()["warnings"] == []
+    r = _post(client, _png_of(images["constant"]), path="/api/explain")
+    assert "constant" in r.headers["x-warnings"]
+
+
+def test_history_on_a_non_database_says_read_not_write(ckpt, trained, capsys):
+    from cxrlab.cli import main
+
+    assert main(["history", "--log-db", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "not a cxrlab prediction log" in err and "writable" not in err
+    empty = trained / "empty.sqlite"
+    empty.write_bytes(b"")
+    assert main(["history", "--log-db", str(empty)]) == 2
+    assert "not a cxrlab prediction log" in capsys.readouterr().err and empty.stat().st_size == 0  # nothing written

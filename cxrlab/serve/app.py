@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -74,15 +74,20 @@ class ModelService:
         k = int(decide(np.asarray(p, dtype=np.float64)[None], self.bundle.ckpt)[0])
         return names[k], {c: float(p[i]) for i, c in enumerate(names)}
 
+    def gradcam_problem(self) -> str | None:
+        """Why Grad-CAM cannot run on this model (explain's own check: ONNX, and what else it refuses), or None."""
+        from cxrlab.explain import gradcam_unavailable
+
+        return gradcam_unavailable(self.bundle)
+
     def explain(self, gray: np.ndarray, target: str | None):
         """Grad-CAM result. Hooks are not thread-safe: one explanation at a time, on a private model copy
         so that concurrent predictions never run through the hooked model."""
-        import torch
-
         from cxrlab.explain import explain_array
 
-        if not isinstance(getattr(self.bundle, "model", None), torch.nn.Module):
-            raise CxrlabError("this server runs an exported (ONNX) model: Grad-CAM needs the PyTorch checkpoint (.pt)")
+        problem = self.gradcam_problem()
+        if problem:
+            raise CxrlabError(problem)
         with self._explain_lock:
             if self._explain_bundle is None:
                 self._explain_bundle = dataclasses.replace(self.bundle, model=copy.deepcopy(self.bundle.model))
@@ -95,8 +100,10 @@ class ModelService:
 
         ckpt = self.bundle.ckpt
         meta = model_meta(ckpt)
+        problem = self.gradcam_problem()
         meta.update(model_id=self.model_id, checkpoint_sha256=self.checkpoint_sha256,
-                    thresholds=ckpt.get("thresholds"), version=meta.get("cxrlab_version"), server_version=__version__)
+                    thresholds=ckpt.get("thresholds") or {}, version=meta.get("cxrlab_version"),
+                    server_version=__version__, gradcam=problem is None, gradcam_unavailable=problem)
         return json.loads(json.dumps(meta, default=_json_default))
 
 
@@ -154,7 +161,7 @@ class _Upload:
                 for block in iter(lambda: file.file.read(_CHUNK), b""):
                     n += len(block)
                     if n > max_bytes:
-                        raise HTTPException(413, f"upload larger than the limit of {_mb(max_bytes)}")
+                        raise HTTPException(413, too_large_message(max_bytes))
                     h.update(block)
                     out.write(block)
         except BaseException:
@@ -176,8 +183,26 @@ class _Upload:
         self.path.unlink(missing_ok=True)
 
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
+def too_large_message(max_bytes: int) -> str:
+    """The 413 message, in the unit of the option that sets the limit."""
+    return (f"the upload is larger than --max-upload-mb {max_bytes / 2**20:.3g} (MB): send a smaller file, "
+            "or start the server with a larger --max-upload-mb")
+
+
+async def _one_file(request: Request) -> None:
+    """Refuse a request with several `file` parts (the form is already parsed and cached by FastAPI)."""
+    n = len((await request.form()).getlist("file"))
+    if n > 1:
+        raise HTTPException(422, f"the multipart field 'file' was sent {n} times: send one image per request")
+
+
+def image_warnings(gray: np.ndarray) -> list[str]:
+    """Why a decoded upload does not look like a radiograph (tiny, blank, saturated, a mask), as `cxrlab predict`
+    says it (`cxrlab.inference.input_warning`); empty when it looks plausible."""
+    from cxrlab.inference import input_warning
+
+    warning = input_warning(gray.shape[1], gray.shape[0], gray)
+    return [warning] if warning else []
 
 
 def _colorize(heatmap: np.ndarray) -> np.ndarray:
@@ -264,7 +289,8 @@ def create_app(checkpoint_or_bundle, token: str | None = None, max_upload_bytes:
     _install_error_handlers(app)
     _add_routes(app, svc, plog, tmp_root, max_upload_bytes)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(Guard, token=token, max_body=max_upload_bytes + 16 * 1024)
+    app.add_middleware(Guard, token=token, max_body=max_upload_bytes + 16 * 1024,
+                       too_large=too_large_message(max_upload_bytes))
     return app
 
 
@@ -289,26 +315,31 @@ def _add_routes(app: FastAPI, svc: ModelService, plog: PredictionLog, tmp_root: 
         """Architecture, classes, input size, preprocessing and versions of the served model."""
         return svc.meta()
 
-    @app.post("/api/predict")
+    @app.post("/api/predict", dependencies=[Depends(_one_file)])
     def predict(file: UploadFile = File(..., description=upload_doc)) -> dict:
-        """Class probabilities for one radiograph; the entry is appended to the prediction log."""
+        """Class probabilities for one radiograph; the entry is appended to the prediction log. `warnings` lists
+    why the image may not be a radiograph (tiny, blank, saturated, a mask); empty when it looks plausible."""
         up = _Upload(file, tmp_root, max_upload)
         try:
-            predicted, probs = svc.predict(up.read())
+            gray = up.read()
+            predicted, probs = svc.predict(gray)
         finally:
             up.close()
         plog.append("predict", up.sha256, svc.model_id, predicted, probs)
-        return {"predicted": predicted, "probabilities": probs, "model": svc.model_id, "sha256": up.sha256}
+        return {"predicted": predicted, "probabilities": probs, "model": svc.model_id, "sha256": up.sha256,
+                "warnings": image_warnings(gray)}
 
-    @app.post("/api/explain", responses={200: {"content": {"image/png": {}}}})
+    @app.post("/api/explain", responses={200: {"content": {"image/png": {}}}}, dependencies=[Depends(_one_file)])
     def explain(file: UploadFile = File(..., description=upload_doc),
                 format: Literal["png", "json"] = Query("png", description="png: the overlay; json: probabilities too"),
                 target: str | None = Query(None, description="class to explain (default: the predicted one)")):
         """Grad-CAM for one radiograph: a PNG figure (radiograph, overlay, probabilities), or with `format=json`
     the prediction plus base64 PNGs: `overlay_png_base64` (that figure), `image_png_base64` (the model input)
-    and `heatmap_png_base64` (the coloured heatmap, same size as the model input, to lay over it)."""
-        if target is not None and target not in svc.bundle.class_names:
-            raise CxrlabError(f"unknown target class {target!r}; choose one of {', '.join(svc.bundle.class_names)}")
+    and `heatmap_png_base64` (the coloured heatmap, same size as the model input, to lay over it), `warnings`
+    (as in `/api/predict`) and `note` (for an ensemble: whose heatmap it is). `target` matches in any case."""
+        from cxrlab.explain import overlay_png, target_class
+
+        target = None if target is None else target_class(svc.bundle.class_names, target)  # any case: `pneumonia`
         up = _Upload(file, tmp_root, max_upload)
         try:
             gray = up.read()
@@ -317,15 +348,17 @@ def _add_routes(app: FastAPI, svc: ModelService, plog: PredictionLog, tmp_root: 
             up.close()
         predicted, probs = svc._decision(np.array([res.probs[c] for c in svc.bundle.class_names]))
         plog.append("explain", up.sha256, svc.model_id, predicted, probs)
-        from cxrlab.explain import overlay_png
-
-        png = overlay_png(res)
+        png, warnings = overlay_png(res), image_warnings(gray)
         if format == "png":
-            return Response(png, media_type="image/png", headers={"X-Predicted": predicted, "X-Sha256": up.sha256})
+            headers = {"X-Predicted": predicted, "X-Sha256": up.sha256}
+            if warnings:
+                headers["X-Warnings"] = " | ".join(warnings).encode("ascii", "replace").decode()
+            return Response(png, media_type="image/png", headers=headers)
         b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
         return {"predicted": predicted, "probabilities": probs, "target": res.target, "model": svc.model_id,
                 "sha256": up.sha256, "overlay_png_base64": b64(png), "image_png_base64": b64(_png_bytes(res.image)),
-                "heatmap_png_base64": b64(_png_bytes(_colorize(res.heatmap)))}
+                "heatmap_png_base64": b64(_png_bytes(_colorize(res.heatmap))), "warnings": warnings,
+                "note": getattr(res, "note", None)}
 
     @app.get("/api/history")
     def history(limit: int = Query(50, ge=1, le=1000, description="newest entries to list")) -> dict:

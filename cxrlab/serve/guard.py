@@ -29,12 +29,16 @@ class Guard:
         app: the wrapped ASGI app.
         token: required bearer token, or None for an open service.
         max_body: largest request body in bytes (upload plus multipart envelope).
+        too_large: the 413 message (default: the body limit in bytes); the app passes one that names
+            `--max-upload-mb`, since a client never sees the envelope allowance.
     """
 
-    def __init__(self, app: ASGIApp, token: str | None = None, max_body: int = 20 * 2**20):
+    def __init__(self, app: ASGIApp, token: str | None = None, max_body: int = 20 * 2**20,
+                 too_large: str | None = None):
         self.app = app
         self.token = token.encode() if token else None
         self.max_body = max_body
+        self.too_large = too_large or f"request body over the limit of {max_body} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,8 +50,11 @@ class Guard:
                         [(b"www-authenticate", b'Bearer realm="cxrlab"')])
             return
         length = _header(scope, b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await _json(send, 413, f"request body of {length} bytes is over the limit of {self.max_body} bytes")
+        if length is not None and not length.isdigit():
+            await _json(send, 400, f"invalid Content-Length header {length!r}: expected a number of bytes")
+            return
+        if length is not None and int(length) > self.max_body:
+            await _json(send, 413, self.too_large)
             return
         started = False
 
@@ -57,7 +64,7 @@ class Guard:
             await send(message)
 
         try:
-            await self.app(scope, _counting(receive, self.max_body), send_tracking)
+            await self.app(scope, _counting(receive, self.max_body, self.too_large), send_tracking)
         except HTTPException as exc:  # the limit hit inside a part of the app that does not handle it
             if started or exc.status_code != 413:
                 raise
@@ -80,7 +87,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _counting(receive: Receive, limit: int) -> Receive:
+def _counting(receive: Receive, limit: int, error: str) -> Receive:
     seen = 0
 
     async def wrapped() -> Message:
@@ -89,7 +96,7 @@ def _counting(receive: Receive, limit: int) -> Receive:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise HTTPException(413, f"request body over the limit of {limit} bytes")
+                raise HTTPException(413, error)
         return message
 
     return wrapped

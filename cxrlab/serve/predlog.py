@@ -34,19 +34,27 @@ class PredictionLog:
 
     Args:
         path: SQLite file; its folder is created if missing.
+        create: False to open an existing log for reading only (`cxrlab history`): nothing is created or changed.
+
+    Raises:
+        CxrlabError: `path` is a folder, not an SQLite database, or cannot be written (`create`) / read.
     """
 
-    def __init__(self, path: str | Path = DEFAULT_LOG_DB):
+    def __init__(self, path: str | Path = DEFAULT_LOG_DB, create: bool = True):
         self.path = Path(path)
         self._lock = threading.Lock()
+        if self.path.is_dir():
+            raise CxrlabError(f"--log-db {self.path} is a folder; pass a file, e.g. "
+                              f"--log-db {self.path / DEFAULT_LOG_DB}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as con:
-                con.execute("PRAGMA journal_mode=WAL")
-                con.execute(_SCHEMA)
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self._connect() as con:
+                    con.execute("PRAGMA journal_mode=WAL")
+                    con.execute(_SCHEMA)
+            self.count()
         except (sqlite3.Error, OSError) as exc:
-            raise CxrlabError(f"cannot open the prediction log {self.path}: {exc}. "
-                              "Pass a writable file with --log-db PATH") from exc
+            raise CxrlabError(_open_error(self.path, exc, create)) from exc
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -93,9 +101,21 @@ class PredictionLog:
             con.close()
 
 
+def _open_error(path: Path, exc: Exception, create: bool) -> str:
+    reason = str(exc)
+    if "not a database" in reason or "no such table" in reason:
+        what = f"--log-db {path} is not a cxrlab prediction log ({reason})"
+        if create:
+            return f"{what}; the server does not overwrite it: pass a new file name or an existing log with --log-db PATH"
+        return f"{what}: pass the file that `cxrlab serve --log-db` wrote"
+    if create:
+        return f"cannot write the prediction log --log-db {path}: {reason}. Pass a writable file with --log-db PATH"
+    return f"cannot read the prediction log --log-db {path}: {reason}. Check the file's permissions"
+
+
 def open_existing(path: str | Path) -> PredictionLog:
-    """Open a log for reading, with a clear error when it does not exist."""
-    if not Path(path).is_file():
+    """Open a log for reading (nothing is created or changed), with a clear error when it does not exist."""
+    if not Path(path).exists():
         raise CxrlabError(f"no prediction log at {path}. Pass the file the service writes with --log-db PATH "
                           f"(default ./{DEFAULT_LOG_DB} in the folder where `cxrlab serve` ran)")
-    return PredictionLog(path)
+    return PredictionLog(path, create=False)

@@ -2,6 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let previewUrl = null;
+let modelInfo = null; // /api/model once it answered; its `gradcam` says whether /api/explain can work
 
 function authHeaders() {
   const t = $("token").value.trim();
@@ -14,6 +15,11 @@ function showError(msg) {
   $("error").hidden = false;
 }
 
+function askForToken() {
+  $("token-box").open = true;
+  $("token").focus();
+}
+
 async function errorMessage(resp) {
   let text = "";
   try {
@@ -22,7 +28,7 @@ async function errorMessage(resp) {
   } catch (e) {
     text = resp.statusText || "no details";
   }
-  if (resp.status === 401) { $("token-box").open = true; text += " (enter the access token above)"; }
+  if (resp.status === 401) { askForToken(); text += " (enter the access token above)"; }
   if (resp.status === 413) text = "File too large: " + text;
   return `Error ${resp.status}: ${text}`;
 }
@@ -30,9 +36,16 @@ async function errorMessage(resp) {
 async function loadModel() {
   try {
     const resp = await fetch("/api/model", { headers: authHeaders() });
+    if (resp.status === 401) {
+      modelInfo = null;
+      $("model-info").textContent = "this server needs an access token: enter it under \"Access token\"";
+      askForToken();
+      return;
+    }
     if (!resp.ok) { $("model-info").textContent = "model info unavailable (" + resp.status + ")"; return; }
-    const m = await resp.json();
-    $("model-info").textContent = `${m.model_id} - ${m.class_names.join(", ")} - ${m.img_size}px`;
+    modelInfo = await resp.json();
+    const cam = modelInfo.gradcam === false ? " - no Grad-CAM" : "";
+    $("model-info").textContent = `${modelInfo.model_id} - ${modelInfo.class_names.join(", ")} - ${modelInfo.img_size}px${cam}`;
   } catch (e) {
     $("model-info").textContent = "server unreachable";
   }
@@ -55,6 +68,52 @@ function renderBars(probs, predicted) {
   }
 }
 
+function renderWarnings(warnings) {
+  const list = $("warnings");
+  list.replaceChildren();
+  for (const w of warnings || []) {
+    const item = document.createElement("li");
+    item.textContent = w;
+    list.appendChild(item);
+  }
+  $("warnings-box").hidden = list.childElementCount === 0;
+}
+
+// Grad-CAM when the server can do it, else (ONNX model, or explain refused with 400) the prediction alone.
+async function requestAnalysis(file) {
+  const post = (url) => {
+    const form = new FormData();
+    form.append("file", file);
+    return fetch(url, { method: "POST", body: form, headers: authHeaders() });
+  };
+  let camNote = modelInfo && modelInfo.gradcam === false ? modelInfo.gradcam_unavailable : null;
+  if (!camNote) {
+    const resp = await post("/api/explain?format=json");
+    if (resp.status !== 400) return { resp, camNote: null };
+    camNote = (await resp.json().catch(() => ({}))).error || "Grad-CAM is not available for this model";
+  }
+  return { resp: await post("/api/predict"), camNote };
+}
+
+function renderHeatmap(r, camNote) {
+  const hasCam = !camNote;
+  $("stack").hidden = !hasCam;
+  $("opacity-label").hidden = !hasCam;
+  const note = hasCam ? r.note || "" : "No heatmap (the prediction is complete): " + camNote; // r.note: ensembles
+  $("cam-note").hidden = !note;
+  $("cam-note").textContent = note;
+  $("preview-note").textContent = "This file type cannot be previewed by the browser" +
+    (hasCam ? "; the model input is shown with the heatmap." : ".");
+  $("target").textContent = !hasCam ? "" : r.target && r.target !== r.predicted ? `(for ${r.target})` : `(for ${r.predicted})`;
+  if (hasCam) {
+    $("base").src = "data:image/png;base64," + r.image_png_base64;
+    $("overlay").src = "data:image/png;base64," + r.heatmap_png_base64;
+  } else {
+    $("base").removeAttribute("src");
+    $("overlay").removeAttribute("src");
+  }
+}
+
 async function analyse(file) {
   $("error").hidden = true;
   if (!file) return;
@@ -64,18 +123,16 @@ async function analyse(file) {
   $("preview").src = previewUrl;
   $("preview-note").hidden = true;
   $("status").textContent = `Analysing ${file.name} (${(file.size / 1024).toFixed(0)} KB)...`;
-  const form = new FormData();
-  form.append("file", file);
   try {
-    const resp = await fetch("/api/explain?format=json", { method: "POST", body: form, headers: authHeaders() });
+    if (!modelInfo) await loadModel(); // e.g. the token was entered after the page loaded
+    const { resp, camNote } = await requestAnalysis(file);
     if (!resp.ok) { showError(await errorMessage(resp)); $("status").textContent = ""; return; }
     const r = await resp.json();
     $("predicted").textContent = r.predicted;
     $("sha").textContent = r.sha256;
-    $("target").textContent = r.target && r.target !== r.predicted ? `(for ${r.target})` : `(for ${r.predicted})`;
     renderBars(r.probabilities, r.predicted);
-    $("base").src = "data:image/png;base64," + r.image_png_base64;
-    $("overlay").src = "data:image/png;base64," + r.heatmap_png_base64;
+    renderWarnings(r.warnings);
+    renderHeatmap(r, camNote);
     $("results").hidden = false;
     $("status").textContent = `${file.name}: ${r.predicted} (model ${r.model})`;
   } catch (e) {
@@ -92,13 +149,22 @@ function setOpacity() {
 
 function init() {
   $("token").value = sessionStorage.getItem("cxrlab-token") || "";
-  $("file").addEventListener("change", (e) => analyse(e.target.files[0]));
+  $("token").addEventListener("change", loadModel); // a new token: ask for the model info again
+  $("token").addEventListener("keydown", (e) => { if (e.key === "Enter") loadModel(); });
+  $("file").addEventListener("change", (e) => {
+    const file = e.target.files[0];
+    e.target.value = ""; // choosing the same file again fires `change` again
+    analyse(file);
+  });
   $("preview").addEventListener("error", () => { if ($("preview").src) $("preview-note").hidden = false; });
   $("opacity").addEventListener("input", setOpacity);
   const drop = $("drop");
   for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
   for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
   drop.addEventListener("drop", (e) => analyse(e.dataTransfer.files[0]));
+  drop.addEventListener("keydown", (e) => { // the zone itself, not the token field inside it
+    if (e.target === drop && (e.key === "Enter" || e.key === " ")) { e.preventDefault(); $("file").click(); }
+  });
   setOpacity();
   loadModel();
 }
