@@ -6,8 +6,14 @@ of the decoded grayscale image: survives resizing and JPEG re-encoding), duplica
 imbalance, and intensity / size differences between classes, folders and sources that a model
 could use as a shortcut instead of the lungs.
 
-Near duplicates are found by comparing 64-bit pHashes as packed integers in numpy blocks
-(XOR + popcount), so 15k images take a second, not a Python loop over 10^8 pairs.
+Near duplicates are proposed by comparing 64-bit pHashes as packed integers in numpy blocks
+(XOR + popcount), so 15k images take a second, not a Python loop over 10^8 pairs, and confirmed
+by the rank correlation of 32x32 thumbnails. The pHash alone cannot tell radiographs apart:
+chest films share their low-frequency layout, and on the Kermany set 11 pairs of different
+patients measured 2 bits, 184 measured 4 and 1660 measured 6 (single-linkage then chained 699
+films into one "duplicate"); their thumbnails correlate at most 0.962, while resized,
+re-encoded, brightened, gamma-changed, equalised or shifted copies correlate 0.99 or more
+(docs/BENCHMARKS.md, "Near duplicates on radiographs").
 Nearly constant images are left out of the near-duplicate search (their hashes are meaningless).
 """
 
@@ -28,7 +34,9 @@ from cxrlab.errors import ImageReadError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NEAR_THRESHOLD = 6  # bits of 64; resized + JPEG copies measure 0-2, unrelated images ~32
+DEFAULT_NEAR_THRESHOLD = 8  # pHash bits of 64 that propose a pair: copies measure 0-2 (gamma/equalised up to 10-18)
+NEAR_MIN_CORRELATION = 0.99  # rank correlation of 32x32 thumbnails that confirms it (other patients: <= 0.966)
+THUMB_SIZE = 32
 BORDER_FRACTION = 0.05  # width of the border band, as a fraction of each side
 _STATS = ("mean", "std", "border_dark", "border_bright", "sharpness", "width", "height")
 SHARPNESS_SIZE = 224  # sharpness is measured at the scale a model sees
@@ -48,6 +56,7 @@ class FileRecord:
     error: str | None = None
     header: dict | None = None
     phash: int | None = None
+    thumb: np.ndarray | None = None  # rank-normalised thumbnail (`rank_thumbnail`), confirms near duplicates
     stats: dict | None = None
     warning: str | None = None
 
@@ -139,7 +148,22 @@ def inspect_file(sample) -> FileRecord:
         if max(im.size) > 256:
             im.thumbnail((256, 256), Image.Resampling.BOX)  # same hash, a fraction of the time
         rec.phash = int(str(imagehash.phash(im)), 16)
+        rec.thumb = rank_thumbnail(im)
     return rec
+
+
+def rank_thumbnail(im, size: int = THUMB_SIZE) -> np.ndarray:
+    """The image shrunk to size x size, its pixels replaced by their ranks, centred and scaled to unit length
+    (float16): the dot product of two is their rank correlation, unchanged by brightness, contrast, gamma or
+    histogram equalisation."""
+    from PIL import Image
+    from scipy.stats import rankdata
+
+    a = np.asarray(im.convert("L").resize((size, size), Image.Resampling.BOX), dtype=np.float32).ravel()
+    r = rankdata(a).astype(np.float32)
+    r -= r.mean()
+    norm = float(np.linalg.norm(r))
+    return (r / norm if norm else r).astype(np.float16)
 
 
 def sharpness(gray: np.ndarray, size: int = SHARPNESS_SIZE) -> float:
@@ -168,14 +192,15 @@ def intensity_stats(gray: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- the audit
 
 
-def audit(samples: list, *, near_threshold: int = DEFAULT_NEAR_THRESHOLD, workers: int | None = None,
-          progress: bool = False) -> dict:
+def audit(samples: list, *, near_threshold: int = DEFAULT_NEAR_THRESHOLD,
+          near_correlation: float = NEAR_MIN_CORRELATION, workers: int | None = None, progress: bool = False) -> dict:
     """Audit a list of samples.
 
     Args:
         samples: objects with ``path``, ``label``, ``split``, ``group``, ``source``
             (`cxrlab.data.dataset.scan` gives them).
-        near_threshold: largest pHash Hamming distance (of 64 bits) counted as a near duplicate.
+        near_threshold: largest pHash Hamming distance (of 64 bits) that proposes a near duplicate.
+        near_correlation: smallest thumbnail rank correlation that confirms it (0: the pHash alone decides).
         workers: decoding threads (default: up to 4, bounded by the CPU count).
         progress: show a progress bar.
 
@@ -189,11 +214,14 @@ def audit(samples: list, *, near_threshold: int = DEFAULT_NEAR_THRESHOLD, worker
         records = list(tqdm(pool.map(inspect_file, samples), total=len(samples), desc="audit",
                             unit="img", disable=not progress))
     ok = [r for r in records if r.error is None]
-    clusters = _exact_clusters(ok) + _near_clusters(ok, near_threshold)
+    clusters = _exact_clusters(ok) + _near_clusters(ok, near_threshold, near_correlation)
     cross = [c for c in clusters if len(set(c["splits"]) - {"all"}) > 1]
     return {
         "n_files": len(records), "n_readable": len(ok),
-        "settings": {"near_threshold": near_threshold, "hash": "imagehash.phash 64-bit", "border_fraction": BORDER_FRACTION},
+        "settings": {"near_threshold": near_threshold, "hash": "imagehash.phash 64-bit",
+                     "near_correlation": near_correlation,
+                     "confirmation": f"rank correlation of {THUMB_SIZE}x{THUMB_SIZE} thumbnails",
+                     "border_fraction": BORDER_FRACTION},
         "counts": (counts := _counts(records)), "imbalance": _imbalance(counts),
         "images": _histograms(ok),
         "unreadable": [{**r.ref(), "reason": r.error} for r in records if r.error],
@@ -258,13 +286,21 @@ def _exact_clusters(records) -> list[dict]:
     return [_cluster(m, "exact", 0) for m in _by_sha(records).values() if len(m) > 1]
 
 
-def _near_clusters(records, threshold: int) -> list[dict]:
-    """Clusters of files whose pHashes are within ``threshold`` but whose bytes differ."""
+def _near_clusters(records, threshold: int, min_correlation: float = NEAR_MIN_CORRELATION) -> list[dict]:
+    """Clusters of files whose pHashes are within ``threshold`` and whose thumbnails correlate at least
+    ``min_correlation``, but whose bytes differ."""
     groups = [m for m in _by_sha(records).values() if m[0].phash is not None]
     if len(groups) < 2 or threshold < 0:
         return []
     hashes = np.array([m[0].phash for m in groups], dtype=np.uint64)
     i, j, d = near_pairs(hashes, threshold)
+    if min_correlation > 0 and len(i):
+        thumbs = np.stack([m[0].thumb for m in groups])
+        corr = np.concatenate([thumbnail_correlation(thumbs[i[k:k + 1024]], thumbs[j[k:k + 1024]])
+                               for k in range(0, len(i), 1024)])
+        keep = corr >= min_correlation
+        log.debug("near duplicates: %d of %d pHash candidate pairs confirmed", int(keep.sum()), len(i))
+        i, j, d = i[keep], j[keep], d[keep]
     parent = list(range(len(groups)))
 
     def find(x: int) -> int:
@@ -283,6 +319,27 @@ def _near_clusters(records, threshold: int) -> list[dict]:
         worst[find(a)] = max(worst[find(a)], dist)
     return [_cluster([r for k in ks for r in groups[k]], "near", worst[root])
             for root, ks in members.items() if len(ks) > 1]
+
+
+def thumbnail_correlation(a: np.ndarray, b: np.ndarray, shift: int = 2) -> np.ndarray:
+    """Rank correlation of pairs of `rank_thumbnail`s (rows of `a` and `b`), the best of the whole thumbnails and
+    of `a`'s centre against `b`'s windows moved up to `shift` pixels (of 32: 6% of the side) in each direction, so
+    that a copy cropped or padded off-centre still correlates (cxr3 holds such copies across splits)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    best = np.einsum("ij,ij->i", a, b)
+    size = THUMB_SIZE - 2 * shift
+    a_img, b_img = a.reshape(-1, THUMB_SIZE, THUMB_SIZE), b.reshape(-1, THUMB_SIZE, THUMB_SIZE)
+
+    def unit(w: np.ndarray) -> np.ndarray:
+        w = w.reshape(len(w), -1)
+        w = w - w.mean(1, keepdims=True)
+        return w / (np.linalg.norm(w, axis=1, keepdims=True) + 1e-9)
+
+    centre = unit(a_img[:, shift:shift + size, shift:shift + size])
+    for dy in range(2 * shift + 1):
+        for dx in range(2 * shift + 1):
+            best = np.maximum(best, np.einsum("ij,ij->i", centre, unit(b_img[:, dy:dy + size, dx:dx + size])))
+    return best
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:

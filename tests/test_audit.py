@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cxrlab.audit import DEFAULT_NEAR_THRESHOLD, audit, fast_leak_check, format_summary, near_pairs
 
@@ -151,3 +151,31 @@ def test_cli_audit(planted, tmp_path, capsys):
     assert "duplicates ACROSS splits (leakage): 2" in capsys.readouterr().out
     assert main(["audit", "--data", str(tmp_path / "nope"), "--out", str(out), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _on_base(base: np.ndarray, seed: int, sd: float = 40) -> Image.Image:
+    """`base` plus fine noise of its own: the same low-frequency layout (as chest films share), another image."""
+    noise = np.random.default_rng(seed).normal(0, sd, base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def test_same_layout_is_not_a_duplicate_but_photometric_copies_are(tmp_path):
+    """Two images that share only their coarse layout have the same pHash (distance 0 here, as different patients'
+    radiographs measure 2-6) and are not reported; copies with another gamma or histogram equalisation are."""
+    base = np.asarray(smooth_noise(0, 128), dtype=np.float32)
+    a, b = _on_base(base, 1), _on_base(base, 2)
+    (tmp_path / "train" / "A").mkdir(parents=True)
+    (tmp_path / "test" / "B").mkdir(parents=True)
+    a.save(tmp_path / "train" / "A" / "a.png")
+    b.save(tmp_path / "test" / "B" / "other_patient.png")
+    report = audit(tiny_scan(tmp_path), workers=1)
+    assert report["near_duplicates"] == [] and report["label_conflicts"] == [] and report["leakage"] == []
+    pairs = audit(tiny_scan(tmp_path), workers=1, near_correlation=0)["near_duplicates"]
+    assert len(pairs) == 1 and pairs[0]["distance"] <= 2  # what the pHash alone would have reported
+
+    a.point(lambda v: int(255 * (v / 255) ** 0.6)).save(tmp_path / "test" / "B" / "gamma.png")
+    ImageOps.equalize(a).save(tmp_path / "test" / "B" / "equalised.png")
+    report = audit(tiny_scan(tmp_path), workers=1)
+    [cluster] = report["near_duplicates"]
+    assert _names(cluster) == {"a.png", "gamma.png", "equalised.png"}
+    assert report["settings"]["near_correlation"] == 0.99 and len(report["leakage"]) == 2
