@@ -138,6 +138,9 @@ def inspect_file(sample) -> FileRecord:
     except ImageReadError as exc:
         rec.error = exc.reason
         return rec
+    except FileNotFoundError:
+        rec.error = "file not found"
+        return rec
     except OSError as exc:
         rec.error = f"cannot read file ({exc.strerror or exc})"
         return rec

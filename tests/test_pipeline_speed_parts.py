@@ -191,3 +191,10 @@ def test_train_and_predict_see_identical_preprocessing(tmp_path, pre):
     assert seen[0].dtype == np.uint8
     np.testing.assert_array_equal(seen[0], train_arrays)
     np.testing.assert_allclose(logits, original(train_arrays), rtol=0, atol=0)
+
+
+def test_a_missing_file_is_worded_as_everywhere_else(tmp_path):
+    paths = write_images(tmp_path, n=2) + [tmp_path / "gone.png"]
+    arrays, ok, errors = load_arrays(paths, PRE, cache_dir=False)
+    assert ok == [0, 1] and len(arrays) == 2
+    assert errors == {str(tmp_path / "gone.png"): "file not found"}

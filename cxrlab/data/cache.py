@@ -55,6 +55,8 @@ def _load_one(args: tuple[str, Preprocess, str | None]) -> np.ndarray | str:
     n = pre.img_size * pre.img_size
     try:
         data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return "file not found"  # as read_gray and predict word it
     except OSError as exc:
         return f"cannot read file ({exc.strerror or exc})"
     entry = _entry(Path(cache) if cache else None, data)
