@@ -119,7 +119,9 @@ def compute_metrics(y_true, probs, class_names: list[str], y_pred=None) -> dict:
         y_pred: (n,) predicted indices (e.g. from `predict_with_thresholds`); default argmax.
 
     Returns:
-        dict with accuracy, macro_f1, weighted_f1, auc_macro, n, class_names, confusion_matrix
+        dict with accuracy, macro_f1 (over the classes present in `y_true` or `y_pred`, as sklearn's
+        f1_score averages; auc_macro likewise over the classes with positives), weighted_f1, auc_macro, n,
+        class_names, confusion_matrix
         (rows true, cols predicted, all C classes) and per_class[name] = {precision, recall, f1,
         support, auc, accuracy, sensitivity, specificity}. Per-class accuracy equals recall
         (correct / total of that class); sensitivity/specificity are one-vs-rest; undefined
@@ -142,7 +144,9 @@ def compute_metrics(y_true, probs, class_names: list[str], y_pred=None) -> dict:
         }
     return {
         "accuracy": float(np.mean(y == y_pred)),
-        "macro_f1": float(np.mean(f1)),
+        # over the classes in the labels or the predictions (sklearn's own default): a class absent from the
+        # evaluated images and never predicted has no F1, so a site without pneumonia is not scored 0 for it
+        "macro_f1": float(np.mean(f1[np.isin(labels, np.union1d(y, y_pred))])),
         "weighted_f1": float(np.sum(f1 * sup) / max(sup.sum(), 1)),
         "auc_macro": _macro_auc(aucs),
         "n": int(y.size),
@@ -179,7 +183,8 @@ def operating_point(y_true, y_pred, class_index: int) -> dict:
 
 
 def classification_report_text(y_true, y_pred, class_names: list[str]) -> str:
-    """scikit-learn's text classification report over all classes (absent ones included).
+    """scikit-learn's text classification report over all classes (absent ones included, with a note giving the
+    macro F1 of metrics.json when a class is absent and never predicted).
 
     Args:
         y_true: (n,) true class indices.
@@ -190,8 +195,16 @@ def classification_report_text(y_true, y_pred, class_names: list[str]) -> str:
         the report as a string (digits=4, zero_division=0).
     """
     y, _, yp = _check(y_true, n_classes=len(class_names), y_pred=y_pred)
-    return classification_report(y, yp, labels=list(range(len(class_names))),
+    text = classification_report(y, yp, labels=list(range(len(class_names))),
                                  target_names=list(class_names), digits=4, zero_division=0)
+    absent = [c for k, c in enumerate(class_names) if k not in set(np.union1d(y, yp).tolist())]
+    if absent:
+        present = [k for k in range(len(class_names)) if class_names[k] not in absent]
+        f1 = precision_recall_fscore_support(y, yp, labels=present, zero_division=0)[2]
+        text += (f"\n{', '.join(absent)}: no image of {'this class' if len(absent) == 1 else 'these classes'} and none "
+                 f"predicted; 'macro avg' above counts {'it' if len(absent) == 1 else 'them'} as 0, metrics.json's "
+                 f"macro_f1 leaves {'it' if len(absent) == 1 else 'them'} out: {float(np.mean(f1)):.4f}\n")
+    return text
 
 
 def group_metrics(y_true, probs, class_names: list[str], groups, y_pred=None) -> dict:

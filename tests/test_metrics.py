@@ -117,7 +117,9 @@ def test_classification_report_text_matches_sklearn_and_lists_absent_class():
     assert "TUBERCULOSIS" in text
     ref = classification_report(y, pred, labels=[0, 1, 2], target_names=NAMES, digits=4,
                                 zero_division=0)
-    assert text == ref
+    assert text.startswith(ref)  # sklearn's report, then the note on the absent class
+    assert text[len(ref):].strip() == ("TUBERCULOSIS: no image of this class and none predicted; 'macro avg' above "
+                                       "counts it as 0, metrics.json's macro_f1 leaves it out: 0.7333")
 
 
 def test_ece_by_hand():
@@ -280,3 +282,24 @@ def test_bootstrap_statistics_agree_with_compute_metrics_on_unit_weights():
     assert s["macro_f1"][0] == pytest.approx(m["macro_f1"])
     assert s["auc_macro"][0] == pytest.approx(m["auc_macro"])
     assert s["recall"][0] == pytest.approx([m["per_class"][k]["recall"] for k in NAMES])
+
+
+def test_macro_f1_leaves_out_a_class_absent_and_never_predicted():
+    """A 3-class model evaluated at a site without one class: macro-F1 averages the classes in the labels or the
+    predictions (sklearn's default), as auc_macro averages the classes with positives; the text report says so."""
+    from sklearn.metrics import f1_score
+
+    from cxrlab.metrics import classification_report_text, compute_metrics
+
+    names = ["NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+    y = np.array([0, 0, 0, 2, 2, 2])
+    probs = np.array([[.8, .1, .1], [.7, .1, .2], [.3, .1, .6], [.2, .1, .7], [.1, .2, .7], [.6, .1, .3]])
+    m = compute_metrics(y, probs, names)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, probs.argmax(1), average="macro")) == pytest.approx(2 / 3)
+    assert m["per_class"]["PNEUMONIA"]["support"] == 0
+    text = classification_report_text(y, probs.argmax(1), names)
+    assert "PNEUMONIA: no image of this class and none predicted" in text and "macro_f1 leaves it out: 0.6667" in text
+    pred = np.array([0, 1, 2, 2, 2, 0])  # PNEUMONIA predicted once although absent: it counts (F1 0)
+    assert compute_metrics(y, probs, names, y_pred=pred)["macro_f1"] == pytest.approx(
+        f1_score(y, pred, average="macro"))
+    assert "macro_f1 leaves" not in classification_report_text(y, pred, names)
