@@ -224,7 +224,7 @@ def _operating_points(m: dict) -> list[dict]:
     """`operating_points` {class: {threshold, sensitivity, specificity}}, else `operating_point`."""
     ops = m.get("operating_points")
     if isinstance(ops, dict) and ops:
-        return [dict(v, **{"class": c}) for c, v in ops.items() if isinstance(v, dict)]
+        return [{"class": c, **v} for c, v in ops.items() if isinstance(v, dict)]  # the class first, as in tables
     return [m["operating_point"]] if isinstance(m.get("operating_point"), dict) else []
 
 
@@ -379,7 +379,8 @@ def _metrics_html(m: dict | None, names: list[str]) -> str:
     parts = [_table(["metric", "value", "95% CI"], [[k, _fmt(m.get(k)), _ci(ci, k)] for k in (*OVERALL_KEYS, *extra) if k in m])]
     if m.get("per_class"):
         rows = [[c, *vals, _ci(ci, f"recall_{c}")] for c, vals in zip(names, per_class_rows(m, names))]
-        parts += ["<h3>Per class</h3>", _table(["class", *PER_CLASS_COLUMNS, "recall 95% CI"], rows)]
+        headers = ["class", *("accuracy (= recall)" if k == "accuracy" else k for k in PER_CLASS_COLUMNS), "recall 95% CI"]
+        parts += ["<h3>Per class</h3>", _table(headers, rows)]
     if isinstance(m.get("calibration"), dict):
         parts += ["<h3>Calibration</h3>", _table(["", "value"], [[k, _fmt(v)] for k, v in m["calibration"].items()])]
     ops = _operating_points(m)

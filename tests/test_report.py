@@ -204,6 +204,8 @@ def test_html_has_classes_metrics_and_escaped_text(run_dir):
     assert "0.410 – 0.790" in page  # ci95
     assert "1.370" in page and "0.045" in page  # calibration
     assert "0.850" in page and "0.250" in page  # second operating point
+    assert "<th>class</th><th>threshold</th><th>sensitivity</th>" in page  # the class first
+    assert "<th>accuracy (= recall)</th>" in page  # per-class accuracy is correct / total of that class
     assert "site&lt;A&gt;" in page and "<script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # config in <pre>, escaped
     assert "http://" not in page and "https://" not in page and "<link" not in page
