@@ -112,7 +112,7 @@ def build_ensemble(checkpoints: list[str | Path], weights: list[float] | None = 
                   "in_chans": first["model"]["in_chans"], "members": [m["model"]["name"] for m in members]},
         "class_names": list(first["class_names"]), "img_size": first["img_size"], "mean": list(first["mean"]),
         "std": list(first["std"]), "preprocess": dict(first.get("preprocess") or {"img_size": first["img_size"]}),
-        "state_dict": {}, "config": {}, "epoch": 0, "metric": {"name": "ensemble", "value": 0.0},
+        "state_dict": {}, "config": {}, "epoch": None, "metric": {"name": "ensemble", "value": None},
         "temperature": 1.0, "history": [], "ensemble": members,
         "ensemble_weights": [w / total for w in ws], "ensemble_sources": sources,
     }

@@ -259,6 +259,7 @@ def ensemble_members(cfgs: list[TrainConfig], out: Path) -> dict:
     ckpt = calibrate_checkpoint(ckpt, logits, label_indices([val[i] for i in ok], list(ckpt["class_names"])),
                                 cfg.target_recall, cfg.calibrate)
     ckpt["calibration_fitted_on"] = f"the members' validation carve ({len(ok)} images)"
+    ckpt["config"] = {**dataclasses.asdict(cfg), "out": str(out), "members": len(cfgs)}  # member 0's settings
     save_checkpoint(ckpt, out / "best.pt")
     log.info("ensemble of %d members -> %s (temperature fitted on %d validation images)", len(cfgs), out / "best.pt",
              len(ok))

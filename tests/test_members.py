@@ -80,6 +80,8 @@ def test_members_make_one_calibrated_tested_ensemble(ensembles, synth_dir):
     ens = torch.load(out / "best.pt", weights_only=True)
     assert ens["model"]["name"] == "ensemble" and len(ens["ensemble"]) == 2
     assert "validation carve" in ens["calibration_fitted_on"]
+    assert ens["config"]["members"] == 2 and ens["config"]["out"] == str(out) and ens["config"]["seed"] == 42
+    assert ens["epoch"] is None and ens["metric"]["value"] is None  # no placeholder numbers in /api/model or ONNX
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == len(list((synth_dir / "test").rglob("*.png"))) > 0  # the whole test split, once
     state = json.loads((out / "members.json").read_text())
