@@ -155,3 +155,16 @@ def test_split_seed_fixes_the_carve_across_training_seeds(tmp_path):
                                                  seed=7).splits["val"]]
     assert val_paths(seed=1) != val_paths(seed=2)
     assert TrainConfig(seed=5).carve_seed == 5 and TrainConfig(seed=5, split_seed=0).carve_seed == 0
+
+
+def test_a_folder_read_by_layout_names_its_unused_manifest_once(tmp_path, caplog):
+    from cxrlab.data.dataset import scan
+    from cxrlab.data.synth import generate
+
+    generate(tmp_path / "d", per_class=3, size=32)  # writes d/manifest.csv with group and source columns
+    with caplog.at_level("INFO", logger="cxrlab.data.dataset"):
+        scan(tmp_path / "d")
+        scan(tmp_path / "d")
+    hints = [r.getMessage() for r in caplog.records if "a folder read ignores" in r.getMessage()]
+    assert len(hints) == 1 and "group and source column(s)" in hints[0]
+    assert f"--manifest {tmp_path / 'd' / 'manifest.csv'}" in hints[0]

@@ -96,10 +96,32 @@ def scan(data: str | Path, manifest: str | Path | None = None) -> list[Sample]:
     if not data.is_dir():
         raise CxrlabError(f"data folder '{data}' does not exist. Pass --data with a folder holding "
                           "train/, val/, test/ (each with one folder per class) or class folders directly, or a CSV manifest.")
+    _hint_manifest(data)
     split_dirs = {p.name.lower(): p for p in data.iterdir() if p.is_dir() and p.name.lower() in SPLITS}
     if split_dirs:
         return [s for sp in SPLITS if sp in split_dirs for s in _scan_class_folders(split_dirs[sp], sp)]
     return _scan_class_folders(data, "all")
+
+
+_HINTED: set[str] = set()
+
+
+def _hint_manifest(folder: Path) -> None:
+    """A folder read by its layout that also holds a manifest.csv with group or source columns: say once that those
+    columns are used only with --manifest (per-source metrics, patient-grouped validation carves)."""
+    path = folder / "manifest.csv"
+    if str(path) in _HINTED or not path.is_file():
+        return
+    _HINTED.add(str(path))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = [c.strip().lower() for c in next(csv.reader(fh), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return
+    extra = [c for c in ("group", "source") if c in header]
+    if extra:
+        log.info("%s has %s column(s) that a folder read ignores: pass --manifest %s to use them (per-source "
+                 "metrics, patient-grouped carves)", path, " and ".join(extra), path)
 
 
 def read_manifest(path: Path) -> list[Sample]:
