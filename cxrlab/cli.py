@@ -103,31 +103,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.quiet, args.debug)
-    from cxrlab.errors import CxrlabError
-
     created = _not_yet_there(args)
-    rc = 1
+    rc = 1  # what an exception re-raised under --debug leaves
     try:
-        rc = int(args._run(args) or 0)
-        return rc
-    except CxrlabError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        rc = 2
-        return rc
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        rc = 130
-        return rc
-    except Exception as exc:  # noqa: BLE001 - the last line of defence of the CLI
-        if args.debug:
-            raise
-        print(f"error: {type(exc).__name__}: {exc}\n(run again with --debug for the traceback)", file=sys.stderr)
+        rc = _dispatch(args)
         return rc
     finally:
         if rc != 0:
             _remove_empty(created)
+
+
+def _dispatch(args) -> int:
+    """Run the command; a CxrlabError is exit 2 with its message, anything else exit 1 (both raised with --debug)."""
+    from cxrlab.errors import CxrlabError
+
+    try:
+        return int(args._run(args) or 0)
+    except CxrlabError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence of the CLI
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _not_yet_there(args) -> list[Path]:
