@@ -186,15 +186,24 @@ def _regex_error(pattern: str) -> str | None:
     return None
 
 
+def class_named(names: list[str], name: str) -> str | None:
+    """The class of `names` that a user's `name` means: the exact name, else the one that matches in any letter case
+    (`pneumonia` for `PNEUMONIA`, as data folders match); None when there is none or it is ambiguous."""
+    if name in names:
+        return name
+    folded = [n for n in names if n.casefold() == str(name).casefold()]
+    return folded[0] if len(folded) == 1 else None
+
+
 def target_recall_classes(target_recall: dict, names: list[str]) -> dict[str, float]:
-    """--target-recall with each class written as the data names it (matched case-insensitively); an unknown class
-    is an error listing the valid ones."""
+    """--target-recall with each class written as the data names it (`class_named`); an unknown class is an error
+    listing the valid ones."""
     out = {}
     for cls, recall in (target_recall or {}).items():
-        match = [n for n in names if n.lower() == str(cls).lower()]
-        if not match:
+        match = class_named(names, str(cls))
+        if match is None:
             raise CxrlabError(f"--target-recall: unknown class '{cls}'; classes are {', '.join(names)}")
-        out[match[0]] = float(recall)
+        out[match] = float(recall)
     return out
 
 

@@ -201,19 +201,19 @@ def ensemble_note(bundle) -> str | None:
 
 
 def target_class(names: list[str], target: str | int) -> str:
-    """The model's class name for a `--target`: an exact name, a unique case-insensitive match (`pneumonia` for
-    `PNEUMONIA`, as data folders and `--target-recall` match), or a class index.
+    """The model's class name for a `--target`: a class index, or a name as `cxrlab.config.class_named` matches it
+    (any letter case, as data folders and `--target-recall` match).
 
     Raises:
         CxrlabError: no class matches; the message lists the model's classes.
     """
+    from cxrlab.config import class_named
+
     if isinstance(target, (int, np.integer)) and 0 <= int(target) < len(names):
         return names[int(target)]
-    if str(target) in names:
-        return str(target)
-    folded = [c for c in names if c.casefold() == str(target).casefold()]
-    if len(folded) == 1:
-        return folded[0]
+    match = class_named(names, str(target))
+    if match is not None:
+        return match
     raise CxrlabError(f"unknown target class '{target}'. This model's classes: {', '.join(names)}")
 
 
