@@ -348,7 +348,8 @@ def _add_routes(app: FastAPI, svc: ModelService, plog: PredictionLog, tmp_root: 
             up.close()
         predicted, probs = svc._decision(np.array([res.probs[c] for c in svc.bundle.class_names]))
         plog.append("explain", up.sha256, svc.model_id, predicted, probs)
-        png, warnings = overlay_png(res), image_warnings(gray)
+        png = overlay_png(res)
+        warnings = [res.warning] if res.warning else []  # explain_array ran input_warning on the upload
         if format == "png":
             headers = {"X-Predicted": predicted, "X-Sha256": up.sha256}
             if warnings:
@@ -358,7 +359,7 @@ def _add_routes(app: FastAPI, svc: ModelService, plog: PredictionLog, tmp_root: 
         return {"predicted": predicted, "probabilities": probs, "target": res.target, "model": svc.model_id,
                 "sha256": up.sha256, "overlay_png_base64": b64(png), "image_png_base64": b64(_png_bytes(res.image)),
                 "heatmap_png_base64": b64(_png_bytes(_colorize(res.heatmap))), "warnings": warnings,
-                "note": getattr(res, "note", None)}
+                "note": res.note}
 
     @app.get("/api/history")
     def history(limit: int = Query(50, ge=1, le=1000, description="newest entries to list")) -> dict:
