@@ -41,11 +41,20 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
         raise CxrlabError(f"cannot write checkpoint {path}: {exc.strerror or exc}. Check free disk space and permissions") from exc
 
 
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, or a legacy pickle
+
+
+def is_torch_file(path: str | Path) -> bool:
+    """Whether a file starts like a PyTorch checkpoint (its first bytes only; no parsing)."""
+    with open(path, "rb") as fh:
+        return fh.read(4).startswith(_TORCH_MAGIC)
+
+
 def file_kind(path: str | Path) -> str:
     """What a model file holds, by its content: "torch" (zip or legacy pickle), "onnx", "empty", "text" or "other"."""
     with open(path, "rb") as fh:
         head = fh.read(512)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+    if head.startswith(_TORCH_MAGIC):
         return "torch"
     if not head:
         return "empty"

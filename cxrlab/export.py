@@ -541,12 +541,12 @@ class OnnxBundle(BundleBase):
 
 def load_onnx_bundle(path: str | Path, threads: int | None = None) -> OnnxBundle:
     """Open an ONNX file written by `cxrlab export` for inference."""
-    from cxrlab.checkpoint import file_kind
+    from cxrlab.checkpoint import is_torch_file
 
     path = Path(path)
     if not path.is_file():
         raise CxrlabError(f"ONNX model '{path}' does not exist")
-    if file_kind(path) == "torch":
+    if is_torch_file(path):  # the first bytes only: parsing the ONNX file here would read it once more
         raise CxrlabError(f"'{path}' is not an ONNX model (it looks like a PyTorch checkpoint: rename it to .pt, or "
                           "pass the .onnx file written by cxrlab export)")
     return OnnxBundle(path, threads)
