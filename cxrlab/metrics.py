@@ -144,9 +144,7 @@ def compute_metrics(y_true, probs, class_names: list[str], y_pred=None) -> dict:
         }
     return {
         "accuracy": float(np.mean(y == y_pred)),
-        # over the classes in the labels or the predictions (sklearn's own default): a class absent from the
-        # evaluated images and never predicted has no F1, so a site without pneumonia is not scored 0 for it
-        "macro_f1": float(np.mean(f1[np.isin(labels, np.union1d(y, y_pred))])),
+        "macro_f1": _macro_over_present(f1, y, y_pred),
         "weighted_f1": float(np.sum(f1 * sup) / max(sup.sum(), 1)),
         "auc_macro": _macro_auc(aucs),
         "n": int(y.size),
@@ -154,6 +152,13 @@ def compute_metrics(y_true, probs, class_names: list[str], y_pred=None) -> dict:
         "confusion_matrix": cm.tolist(),
         "per_class": per_class,
     }
+
+
+def _macro_over_present(f1: np.ndarray, y: np.ndarray, y_pred: np.ndarray) -> float:
+    """The mean of the per-class F1 (every class, in order) over the classes in the labels or the predictions, as
+    sklearn's f1_score averages: a class absent from the evaluated images and never predicted has no F1, so a site
+    without pneumonia is not scored 0 for it."""
+    return float(np.mean(f1[np.isin(np.arange(len(f1)), np.union1d(y, y_pred))]))
 
 
 def _op_from_cm(cm: np.ndarray, c: int) -> dict:
@@ -199,11 +204,10 @@ def classification_report_text(y_true, y_pred, class_names: list[str]) -> str:
                                  target_names=list(class_names), digits=4, zero_division=0)
     absent = [c for k, c in enumerate(class_names) if k not in set(np.union1d(y, yp).tolist())]
     if absent:
-        present = [k for k in range(len(class_names)) if class_names[k] not in absent]
-        f1 = precision_recall_fscore_support(y, yp, labels=present, zero_division=0)[2]
+        f1 = precision_recall_fscore_support(y, yp, labels=list(range(len(class_names))), zero_division=0)[2]
         text += (f"\n{', '.join(absent)}: no image of {'this class' if len(absent) == 1 else 'these classes'} and none "
                  f"predicted; 'macro avg' above counts {'it' if len(absent) == 1 else 'them'} as 0, metrics.json's "
-                 f"macro_f1 leaves {'it' if len(absent) == 1 else 'them'} out: {float(np.mean(f1)):.4f}\n")
+                 f"macro_f1 leaves {'it' if len(absent) == 1 else 'them'} out: {_macro_over_present(f1, y, yp):.4f}\n")
     return text
 
 
